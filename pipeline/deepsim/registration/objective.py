@@ -1,0 +1,54 @@
+"""Registration objective: similarity(warped, fixed) + lambda * diffusion(ddf)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from monai.losses import DiffusionLoss
+from torch import nn
+
+from deepsim.registration.similarity import FEATURE_NET_OF, build_similarity
+
+__all__ = ["RegistrationObjective", "build_objective"]
+
+
+class RegistrationObjective(nn.Module):
+    """loss = similarity(warped, fixed) + weight * mean squared spatial gradient of ddf (voxels).
+
+    forward(warped, fixed, ddf) -> dict with ``loss``, ``similarity``, ``regularization`` (scalars).
+    """
+
+    def __init__(self, similarity: nn.Module, regularization_weight: float):
+        super().__init__()
+        if regularization_weight < 0:
+            raise ValueError(f"regularization_weight must be >= 0, got {regularization_weight}")
+        self.similarity = similarity
+        self.regularization_weight = float(regularization_weight)
+        self.diffusion = DiffusionLoss()
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor) -> dict[str, torch.Tensor]:
+        sim = self.similarity(warped, fixed)
+        reg = self.diffusion(ddf)
+        return {"loss": sim + self.regularization_weight * reg, "similarity": sim, "regularization": reg}
+
+
+def build_objective(
+    similarity: str,
+    regularization_weight: float,
+    spatial_dims: int = 3,
+    models_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    **similarity_kwargs,
+) -> RegistrationObjective:
+    """Build the objective for similarity ``similarity``; DeepSim losses load ``<models_dir>/feature_<kind>.pt``."""
+    feature_net = None
+    kind = FEATURE_NET_OF.get(similarity)
+    if kind is not None:
+        from deepsim.engine.checkpoints import feature_checkpoint_path, load_network
+
+        if models_dir is None:
+            raise ValueError(f"similarity {similarity!r} needs models_dir holding the pretrained feature net")
+        feature_net = load_network(feature_checkpoint_path(models_dir, kind), map_location=device).to(device)
+    sim = build_similarity(similarity, spatial_dims, feature_net=feature_net, **similarity_kwargs)
+    return RegistrationObjective(sim, regularization_weight).to(device)

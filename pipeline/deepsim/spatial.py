@@ -1,0 +1,73 @@
+"""The one spatial convention of deepsim: displacement fields, warping, voxel <-> millimetre.
+
+Inside the package a displacement field ``ddf`` is a tensor ``(B, ndim, *spatial)`` in **voxels** of the fixed
+image's grid; channel ``i`` is the displacement along tensor spatial axis ``i``. Warping pulls back:
+``warped[x] = moving[x + u(x)]`` (MONAI ``Warp``, ``align_corners=True``), so ``phi = id + u`` maps fixed-grid
+voxels into the moving image. Fields written to files are in millimetres of world space (see
+:func:`ddf_voxel_to_world`), never voxels.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.blocks import Warp
+
+__all__ = ["warp_image", "warp_labels", "warp_onehot", "ddf_voxel_to_world", "identity_grid"]
+
+_bilinear_warp = Warp(mode="bilinear", padding_mode="border")
+_nearest_warp = Warp(mode="nearest", padding_mode="zeros")
+
+
+def _check_pair(image: torch.Tensor, ddf: torch.Tensor) -> None:
+    ndim = ddf.shape[1]
+    if ddf.ndim != ndim + 2:
+        raise ValueError(f"ddf must have shape (B, ndim, *spatial); got {tuple(ddf.shape)}")
+    if image.ndim != ddf.ndim or image.shape[2:] != ddf.shape[2:]:
+        raise ValueError(
+            f"image {tuple(image.shape)} and ddf {tuple(ddf.shape)} must share batch layout and spatial size"
+        )
+
+
+def warp_image(image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+    """Trilinear (bilinear in 2D) pull-back warp. image: (B, C, *S), ddf: (B, ndim, *S) voxels -> (B, C, *S).
+
+    The field is cast to float32 first: under bf16/fp16 autocast the sampling grid would be quantised.
+    Outside the image the border value is repeated.
+    """
+    _check_pair(image, ddf)
+    return _bilinear_warp(image.float(), ddf.float()).to(image.dtype)
+
+
+def warp_labels(labels: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour warp of an integer label map; label values are preserved exactly.
+
+    labels: (B, 1, *S) integer, ddf: (B, ndim, *S) voxels -> (B, 1, *S) with the dtype of ``labels``.
+    Has no useful gradient: use :func:`warp_onehot` for training with labels.
+    """
+    _check_pair(labels, ddf)
+    # float64 holds every int32 label value exactly, float32 only those below 2**24.
+    return _nearest_warp(labels.double(), ddf.double()).round().to(labels.dtype)
+
+
+def warp_onehot(onehot: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+    """Differentiable warp of a one-hot/probabilistic label map (B, K, *S): bilinear, channels still sum to 1."""
+    _check_pair(onehot, ddf)
+    return _bilinear_warp(onehot.float(), ddf.float())
+
+
+def ddf_voxel_to_world(ddf: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Convert a displacement from voxels to millimetres in the world frame of ``affine``.
+
+    ddf: (B, ndim, *S) voxels; affine: (ndim+1, ndim+1) voxel -> world (RAS for NIfTI) -> (B, ndim, *S) mm.
+    A displacement is a difference of positions, so only the linear part of the affine applies.
+    """
+    ndim = ddf.shape[1]
+    linear = torch.as_tensor(affine, dtype=torch.float64, device=ddf.device)[:ndim, :ndim]
+    out = torch.einsum("ij,bj...->bi...", linear, ddf.double())
+    return out.to(ddf.dtype)
+
+
+def identity_grid(shape: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
+    """Voxel coordinates of a grid: (ndim, *shape), channel i is the index along axis i (float32)."""
+    axes = [torch.arange(n, dtype=torch.float32, device=device) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
