@@ -8,6 +8,7 @@ preprocess -> feature pretraining (AE, seg; only those the chosen losses need) -
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,8 @@ def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = No
     """
     from monai.bundle import ConfigWorkflow
 
+    # MONAI's bundle runner logs that we pass no logging file and no workflow type on every stage: noise here.
+    logging.getLogger("monai.bundle").setLevel(logging.ERROR)
     bundle = bundle or bundle_dir()
     configs = bundle / "configs"
     workflow = ConfigWorkflow(

@@ -37,12 +37,26 @@ def registration_checkpoint_path(models_dir: str | Path, similarity: str) -> Pat
     return Path(models_dir) / f"registration_{similarity}.pt"
 
 
+def _plain(value: Any) -> Any:
+    """Reduce a value to what ``torch.load(weights_only=True)`` accepts: numbers, strings, lists, dicts."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return str(value)
+
+
 def save_checkpoint(path: str | Path, network: nn.Module, builder: str, kwargs: dict, meta: dict | None = None) -> Path:
     """Save ``network``'s weights with the call ``BUILDERS[builder](**kwargs)`` that rebuilds it."""
     if builder not in BUILDERS:
         raise ValueError(f"unknown builder {builder!r}; expected one of {sorted(BUILDERS)}")
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
-    payload = {"format": 1, "builder": builder, "kwargs": dict(kwargs), "state_dict": state, "meta": dict(meta or {})}
+    payload = {"format": 1, "builder": builder, "kwargs": _plain(dict(kwargs)), "state_dict": state,
+               "meta": _plain(dict(meta or {}))}
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 

@@ -64,15 +64,22 @@ class LabelIndexer(nn.Module):
 
 
 class SegmentationTask:
-    """Cross-entropy of the feature net's logits against the label map (values mapped to class indices)."""
+    """Cross-entropy of the feature net's logits against the label map (values mapped to class indices).
+
+    If the net predicts at a coarser grid than the labels (our segmenter predicts at 1/2), the class-index map is
+    subsampled by nearest neighbour to the logits' grid.
+    """
 
     def __init__(self, label_values: Sequence[int]):
         self.indexer = LabelIndexer(label_values)
 
     def __call__(self, network: nn.Module, batch: Mapping, device) -> dict[str, torch.Tensor]:
         image = _to(batch, "image", device).float()
-        target = self.indexer.to_index(_to(batch, "label", device))[:, 0]
+        target = self.indexer.to_index(_to(batch, "label", device))
         logits = network(image)
+        if logits.shape[2:] != target.shape[2:]:
+            target = F.interpolate(target.float(), size=logits.shape[2:], mode="nearest").long()
+        target = target[:, 0]
         loss = F.cross_entropy(logits, target)
         accuracy = (logits.detach().argmax(dim=1) == target).float().mean()
         return {"loss": loss, "accuracy": accuracy}

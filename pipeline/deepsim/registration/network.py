@@ -13,6 +13,7 @@ import torch
 from monai.networks.blocks import DVF2DDF
 from monai.networks.nets import UNet
 from torch import nn
+from torch.nn import functional as F
 
 from deepsim.spatial import warp_image
 
@@ -29,6 +30,10 @@ class RegistrationNet(nn.Module):
             be divisible by ``2 ** (len(channels) - 1)``.
         diffeomorphic: if True the head predicts a stationary velocity field integrated by scaling and squaring
             (MONAI ``DVF2DDF``, ``integration_steps`` steps), so the transform is invertible for smooth velocities.
+        half_res: run the U-Net on 2x average-pooled images and upsample its field (trilinear) to full resolution.
+            The field is predicted directly in full-resolution voxels, so upsampling needs no rescaling. On the
+            2-core CPU this cuts a training step at 80x96x80 from 0.67 s to ~0.1 s; the loss is still computed at
+            full resolution. Spatial sizes must then be divisible by ``2 ** len(channels)``.
     """
 
     def __init__(
@@ -38,6 +43,7 @@ class RegistrationNet(nn.Module):
         channels: Sequence[int] = (16, 32, 32, 32),
         diffeomorphic: bool = False,
         integration_steps: int = 7,
+        half_res: bool = False,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -45,7 +51,8 @@ class RegistrationNet(nn.Module):
         if len(channels) < 2:
             raise ValueError(f"channels needs at least two levels, got {tuple(channels)}")
         self.spatial_dims = spatial_dims
-        self.size_multiple = 2 ** (len(channels) - 1)
+        self.half_res = half_res
+        self.size_multiple = 2 ** (len(channels) - 1 + int(half_res))
         head_channels = channels[0]
         self.backbone = UNet(
             spatial_dims=spatial_dims,
@@ -71,9 +78,15 @@ class RegistrationNet(nn.Module):
             raise ValueError(
                 f"spatial size {tuple(fixed.shape[2:])} must be divisible by {self.size_multiple} for this network"
             )
-        field = self.flow(self.backbone(torch.cat([moving, fixed], dim=1)))
+        pair = torch.cat([moving, fixed], dim=1)
+        if self.half_res:
+            pair = F.avg_pool3d(pair, 2) if self.spatial_dims == 3 else F.avg_pool2d(pair, 2)
+        field = self.flow(self.backbone(pair))
         if self.integrate is not None:
             field = self.integrate(field.float())
+        if self.half_res:
+            mode = "trilinear" if self.spatial_dims == 3 else "bilinear"
+            field = F.interpolate(field, size=fixed.shape[2:], mode=mode, align_corners=False)
         return field
 
     def register(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,12 +27,14 @@ __all__ = [
 def cosine_similarity_map(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Cosine similarity of feature vectors per pixel. a, b: (B, C, *S) -> (B, *S) in [-1, 1].
 
-    ``eps`` is added inside each norm, so an all-zero feature vector gives 0 rather than NaN.
+    The product of norms is clamped below at ``eps``, so identical non-zero vectors score exactly 1 and an all-zero
+    vector scores 0 rather than NaN. (The paper adds eps inside each norm instead, which pulls the score of small
+    feature vectors towards 0; the two agree wherever ``|a||b| >> eps``.)
     """
     dot = (a * b).sum(dim=1)
-    norm_a = (a.pow(2).sum(dim=1) + eps).sqrt()
-    norm_b = (b.pow(2).sum(dim=1) + eps).sqrt()
-    return dot / (norm_a * norm_b)
+    # vector_norm has a zero (not NaN) gradient at the zero vector, unlike sqrt(sum of squares).
+    norms = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1)
+    return dot / norms.clamp_min(eps)
 
 
 def deepsim_similarity(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:

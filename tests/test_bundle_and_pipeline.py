@@ -1,0 +1,102 @@
+"""Bundle configs parse and run stage by stage; the quick profile of the main job writes MLflow runs and a CSV."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from monai.bundle import ConfigParser
+
+from deepsim.cli import main
+from deepsim.workflow import STAGE_FILES, bundle_dir, load_profile, run_stage
+
+BUNDLE = bundle_dir()
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_FILES))
+def test_every_bundle_config_parses_with_common(stage):
+    parser = ConfigParser()
+    parser.read_meta(BUNDLE / "configs" / "metadata.json")
+    parser.read_config([str(BUNDLE / "configs" / "common.json"), str(BUNDLE / "configs" / STAGE_FILES[stage])])
+    parser.parse()
+    assert "run" in parser.get()
+
+
+def test_installed_bundle_is_the_repository_bundle():
+    for name in ("common.json", "train_registration.json"):
+        assert json.loads((BUNDLE / "configs" / name).read_text()) == json.loads(
+            (REPO / "bundles" / "brain_mri" / "configs" / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def quick_common(tmp_path_factory):
+    """Quick-profile overrides on a fresh output folder, with the toy data prepared by the bundle's own stage."""
+    out = tmp_path_factory.mktemp("bundle")
+    common = {**load_profile("quick").common, "output_dir": str(out), "progress": False}
+    run_stage("preprocess", common)
+    return common
+
+
+@pytest.mark.parametrize("stage", ["feature_ae", "feature_seg"])
+def test_two_iteration_feature_stage_writes_its_checkpoint(quick_common, stage):
+    run_stage(stage, {**quick_common, "max_epochs": 1, "epoch_length": 2})
+    assert (Path(quick_common["output_dir"]) / "models" / f"{stage}.pt").is_file()
+
+
+@pytest.mark.parametrize("similarity", ["mse", "ncc", "deepsim-seg"])
+def test_two_iteration_registration_then_evaluation_and_inference(quick_common, similarity):
+    if similarity == "deepsim-seg":
+        run_stage("feature_seg", {**quick_common, "max_epochs": 1, "epoch_length": 1})
+    run_stage("registration", {**quick_common, "similarity": similarity, "max_epochs": 1, "epoch_length": 2,
+                               "validation_pairs": 1})
+    out = Path(quick_common["output_dir"])
+    assert (out / "models" / f"registration_{similarity}.pt").is_file()
+    parser = run_stage("evaluate", {**quick_common, "methods": ["identity", similarity]})
+    summary = parser.get_parsed_content("evaluate")
+    assert list(summary["method"]) == ["identity", similarity]
+    datalist = json.loads((out / "data" / "datalist.json").read_text())
+    fixed, moving = datalist["test"][0], datalist["test"][-1]
+    data_dir = out / "data"
+    run_stage("inference", {**quick_common, "similarity": similarity, "fixed": str(data_dir / fixed["image"]),
+                            "moving": str(data_dir / moving["image"]),
+                            "moving_label": str(data_dir / moving["label"])})
+    for name in ("warped.nii.gz", "ddf_mm.nii.gz", "warped_label.nii.gz"):
+        assert (out / "inference" / name).is_file()
+
+
+@pytest.mark.slow
+def test_quick_profile_main_job_writes_mlflow_runs_and_finite_metrics(tmp_path, capsys):
+    assert main(["run", "--profile", "quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| identity |" in printed and "mlflow ui --backend-store-uri" in printed
+    results = pd.read_csv(tmp_path / "report" / "results.csv")
+    assert set(results["method"]) == {"identity", "mse", "ncc", "deepsim-ae", "deepsim-seg"}
+    assert all(math.isfinite(v) for v in results[["dice_mean", "folding_pct", "std_logjac"]].to_numpy().ravel())
+    for png in ("dice_boxplot.png", "overlay_mse.png", "grid_deepsim-seg.png", "jacobian_ncc.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 0
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["quick"])
+    names = set(runs["tags.mlflow.runName"])
+    assert {"preprocess", "feature_ae", "feature_seg", "registration-mse", "registration-deepsim-seg",
+            "evaluation"} <= names
+    reg = runs[runs["tags.mlflow.runName"] == "registration-ncc"].iloc[0]
+    assert math.isfinite(reg["metrics.test/dice_mean"]) and math.isfinite(reg["metrics.train/loss"])
+    assert reg["tags.mlflow.parentRunId"] in set(runs["run_id"])
+
+
+def test_cli_reports_bad_profile_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "deepsim.cli", "run", "--profile", str(tmp_path / "nope.json"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "nope.json" in proc.stderr
+
+
+def test_cli_reports_unknown_loss_in_one_line(tmp_path, capsys):
+    assert main(["run", "--profile", "quick", "--losses", "vgg", "--out", str(tmp_path)]) == 2
+    assert "unknown losses ['vgg']" in capsys.readouterr().err
