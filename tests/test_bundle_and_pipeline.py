@@ -100,3 +100,37 @@ def test_cli_reports_bad_profile_in_one_line(tmp_path):
 def test_cli_reports_unknown_loss_in_one_line(tmp_path, capsys):
     assert main(["run", "--profile", "quick", "--losses", "vgg", "--out", str(tmp_path)]) == 2
     assert "unknown losses ['vgg']" in capsys.readouterr().err
+
+
+def _write_profile(tmp_path, dataset):
+    profile = json.loads((REPO / "configs" / "profiles" / "quick.json").read_text())
+    profile["common"]["dataset"] = str(dataset)
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile))
+    return path
+
+
+@pytest.mark.parametrize("problem", ["4d", "other_grid"])
+def test_bad_user_data_stops_the_main_job_with_one_line_naming_the_file(tmp_path, problem):
+    import nibabel as nib
+    import numpy as np
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        image = np.random.default_rng(i).random((32, 32, 32)).astype(np.float32)
+        label = (image > 0.5).astype(np.int16)
+        affine = np.eye(4)
+        if problem == "4d" and i == 2:
+            image = np.stack([image, image], axis=-1)
+        if problem == "other_grid" and i == 2:
+            affine = np.diag([2.0, 2.0, 2.0, 1.0])
+        nib.save(nib.Nifti1Image(image, np.eye(4)), data / f"s{i}_image.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), data / f"s{i}_label.nii.gz")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "deepsim.cli", "run", "--profile", str(_write_profile(tmp_path, data)),
+                           "--out", str(out), "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("deepsim: error: DatasetError:") and "s2_" in last
+    assert not (out / "data" / "datalist.json").exists()

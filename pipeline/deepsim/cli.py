@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from deepsim.errors import DeepsimError
@@ -82,6 +83,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Emitted by torch inside MONAI's Warp on every call; not actionable for users.
+    warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
     try:
         if args.command == "bundle-path":
             from deepsim.workflow import bundle_dir

@@ -31,6 +31,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from monai.data import MetaTensor
+from monai.transforms import ScaleIntensityRangePercentiles
+
+from deepsim.data.alignment import estimate_affine, reference_grid, resample_to_grid, to_sitk
 from deepsim.data.embedded import EMBEDDED_DONORS, dk_label_names, embedded_label_paths
 from deepsim.data.synthesis import SynthesizeT1d, brain_mask
 from deepsim.data.transforms import (
@@ -53,11 +57,14 @@ __all__ = [
 ]
 
 # Donors 9861 and 10021 come on a different grid (185×180×192) and have smaller brains than the other four:
-# one of each kind is held out, so both kinds are trained and tested on. Fixed, never drawn at random.
-DEFAULT_TRAIN_DONORS: tuple[str, ...] = ("9861", "12876", "14380", "15496")
-DEFAULT_TEST_DONORS: tuple[str, ...] = ("10021", "15697")
+# one of each kind is held out, so both kinds are trained and tested on. Three test donors give three distinct
+# anatomical test pairs (with two held out there would be one). Fixed, never drawn at random.
+DEFAULT_TRAIN_DONORS: tuple[str, ...] = ("9861", "12876", "14380")
+DEFAULT_TEST_DONORS: tuple[str, ...] = ("10021", "15496", "15697")
+#: With ``alignment="affine"`` every embedded donor is aligned to this (training) donor; see :mod:`deepsim.data.alignment`.
+REFERENCE_DONOR = "12876"
 DATALIST = "datalist.json"
-_FORMAT_VERSION = 1  # bump when the preprocessing changes, so cached folders are rebuilt
+_FORMAT_VERSION = 2  # bump when the preprocessing changes, so cached folders are rebuilt
 _SPLITS = ("training", "validation", "test")
 
 
@@ -181,6 +188,8 @@ def prepare_embedded_brains(
     seed: int = 0,
     progress: bool = True,
     num_workers: int | None = None,
+    reference_donor: str = REFERENCE_DONOR,
+    alignment: str = "centre",
 ) -> Path:
     """Preprocess the six embedded brains (synthesised T1 + DK labels) into ``out_dir``; returns ``datalist.json``.
 
@@ -189,6 +198,18 @@ def prepare_embedded_brains(
     - ``validation``: one fresh augmented variant per *training* donor. It monitors training; it is **not**
       held out (same anatomy as training).
     - ``test``: ``test_variants`` synthesis variants (different seeds, no deformation) per test donor.
+
+    ``alignment`` chooses how the donors, which live in different native spaces, are brought together:
+
+    - ``"centre"`` (default): resample to ``spacing_mm`` in RAS, crop to the brain and centre-pad to ``roi_size``
+      — a translation pre-alignment; each file keeps its own world affine. Mean test-pair Dice of the identity
+      is then ≈ 0.15, and the registration network learns the residual global and local misalignment.
+    - ``"affine"``: every donor is aligned to ``reference_donor`` by an affine transform estimated on synthesized
+      images (:func:`deepsim.data.alignment.estimate_affine`); image and labels are resampled once, from the
+      1 mm synthesis, onto one RAS grid centred on the reference brain (identity Dice ≈ 0.35). Measured: with
+      the CPU default's 250 training steps on 3 donors, no learned loss beat the identity on these pairs
+      (MSE 0.329, NCC 0.340, DeepSim-AE 0.340, DeepSim-seg 0.298 vs 0.351) — learning anatomy-specific
+      deformation from 3 subjects needs far longer training.
 
     Every seed is derived from ``seed`` and recorded per item (``synthesis_seed``, ``augmentation_seed``).
     2 mm defaults: 44 volumes of 80×96×80 in ≈ 25 s on 2 CPU cores.
@@ -203,10 +224,13 @@ def prepare_embedded_brains(
         raise DatasetError(f"donors {sorted(set(train_donors) & set(test_donors))} are in both training and test")
     if augment_copies < 0 or test_variants < 1:
         raise DatasetError(f"augment_copies must be ≥ 0 and test_variants ≥ 1, got {augment_copies}, {test_variants}")
+    if alignment not in ("centre", "affine"):
+        raise DatasetError(f"alignment must be 'centre' or 'affine', got {alignment!r}")
     params = {
         "kind": "embedded", "version": _FORMAT_VERSION, "spacing_mm": float(spacing_mm), "roi_size": list(roi),
         "train_donors": train_donors, "test_donors": test_donors, "augment_copies": int(augment_copies),
-        "test_variants": int(test_variants), "seed": int(seed),
+        "test_variants": int(test_variants), "seed": int(seed), "reference_donor": str(reference_donor),
+        "alignment": alignment,
     }  # fmt: skip
     params_hash = _params_hash(params)
     if (hit := _cached(out_dir, params_hash)) is not None:
@@ -236,15 +260,21 @@ def prepare_embedded_brains(
         item["masks"] = brain_mask(label[0].numpy(), spacing)
         loaded[donor] = item
     label_values = sorted({int(v) for it in loaded.values() for v in torch.unique(it["label"]).tolist()} | {0})
+    if alignment == "affine":
+        grid_affine, transforms = _align_donors(loaded, str(reference_donor), float(spacing_mm), roi, seed, progress)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    normalise = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
     grid = Chain(grid_transforms(spacing_mm, roi))
 
     def run(job: dict) -> dict:
         donor = loaded[job["donor"]]
         data = SynthesizeT1d(seed=job["synthesis_seed"], mask_key="masks")(donor)
-        data = grid({"image": data["image"], "label": data["label"]})
+        if alignment == "centre":
+            data = grid({"image": data["image"], "label": data["label"]})
+        else:
+            data = _to_common_grid(data, transforms[job["donor"]], grid_affine, roi, normalise)
         if job["augmentation_seed"] is not None:
             data = augmentation_transforms(job["augmentation_seed"])(data)
         write_volume(data["image"], _affine(data["image"]), tmp_dir / f"{job['id']}_image.nii.gz", False)
@@ -267,6 +297,37 @@ def prepare_embedded_brains(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir / DATALIST
+
+
+def _to_common_grid(data: dict, transform, grid_affine: np.ndarray, roi: Sequence[int], normalise) -> dict:
+    """Resample a synthesized donor (1 mm image + labels) onto the common grid through its affine transform."""
+    volumes = {}
+    for key in ("image", "label"):
+        source = data[key]
+        array = resample_to_grid(source[0].numpy(), source.affine.numpy(), transform, grid_affine, roi,
+                                 is_label=key == "label")
+        volumes[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None],
+                                  affine=torch.as_tensor(grid_affine))
+    return {"image": normalise(volumes["image"].float()), "label": volumes["label"].to(torch.int32)}
+
+
+def _align_donors(loaded: dict[str, dict], reference: str, spacing_mm: float, roi: Sequence[int], seed: int,
+                  progress: bool) -> tuple[np.ndarray, dict]:
+    """Affine transform of every donor into ``reference``'s space, and the common grid (centred on its brain)."""
+    if reference not in loaded:
+        raise DatasetError(f"reference donor {reference!r} is not among the prepared donors {sorted(loaded)}")
+    synth = {d: SynthesizeT1d(seed=_seed(seed, "alignment"), mask_key="masks")(item)["image"]
+             for d, item in loaded.items()}
+    label = loaded[reference]["label"]
+    idx = np.argwhere(label[0].numpy() > 0)
+    centre = label.affine.numpy() @ np.r_[(idx.min(0) + idx.max(0)) / 2.0, 1.0]
+    grid_affine = reference_grid(centre[:3], spacing_mm, roi)
+    fixed = to_sitk(synth[reference][0].numpy(), synth[reference].affine.numpy())
+    transforms = {}
+    for donor in tqdm(sorted(loaded), desc="affine alignment", disable=not progress, unit="donor"):
+        moving = to_sitk(synth[donor][0].numpy(), synth[donor].affine.numpy())
+        transforms[donor] = None if donor == reference else estimate_affine(fixed, moving, seed=seed)
+    return grid_affine, transforms
 
 
 def _common_keys(label_values: list[int], label_names: dict[int, str], params: dict, params_hash: str) -> dict:

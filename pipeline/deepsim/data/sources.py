@@ -24,6 +24,7 @@ def prepare_dataset(
     progress: bool = True,
     augment_copies: int = 8,
     toy_shape: Sequence[int] = (32, 32, 32),
+    alignment: str = "centre",
 ) -> Path:
     """Prepare ``dataset`` into ``out_dir`` and return the path of its ``datalist.json`` (cached across calls)."""
     out_dir = Path(out_dir)
@@ -31,7 +32,8 @@ def prepare_dataset(
         from deepsim.data.datasets import prepare_embedded_brains
 
         result = prepare_embedded_brains(out_dir, spacing_mm=spacing_mm, roi_size=roi_size,
-                                         augment_copies=augment_copies, seed=seed, progress=progress)
+                                         augment_copies=augment_copies, seed=seed, progress=progress,
+                                         alignment=alignment)
     elif dataset == "toy":
         from deepsim.data.pairs import make_toy_dataset
 

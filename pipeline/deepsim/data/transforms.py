@@ -237,9 +237,9 @@ class DeformParams:
 def sample_deform_params(
     rng: np.random.Generator,
     spatial_shape: Sequence[int],
-    max_rotation_deg: float = 10.0,
-    max_scaling: float = 0.08,
-    max_translation_vox: float = 3.0,
+    max_rotation_deg: float = 4.0,
+    max_scaling: float = 0.04,
+    max_translation_vox: float = 2.0,
     elastic_sd_vox: float = 1.0,
     control_spacing_vox: int = 10,
 ) -> DeformParams:
@@ -312,17 +312,19 @@ def augmentation_transforms(
     seed: int,
     image_key: str = "image",
     label_key: str = "label",
-    max_rotation_deg: float = 10.0,
-    max_scaling: float = 0.08,
-    max_translation_vox: float = 3.0,
+    max_rotation_deg: float = 4.0,
+    max_scaling: float = 0.04,
+    max_translation_vox: float = 2.0,
     elastic_sd_vox: float = 1.0,
     control_spacing_vox: int = 10,
 ) -> Chain:
     """Random affine + elastic deformation, one draw for image (bilinear) and label (nearest), then renormalise.
 
     For offline enlargement of a training set of preprocessed volumes; ``seed`` fixes the draw sequence.
-    Defaults: rotation ±10° per axis, scaling ±8 %, translation ±3 voxels, elastic offsets N(0, 1 voxel) on a
-    control grid every 10 voxels (elastic alone: mean ≈ 0.9, max ≈ 4 voxels). ≈ 0.25 s per 80×96×80 volume on one core.
+    Defaults: rotation ±4° per axis, scaling ±4 %, translation ±2 voxels, elastic offsets N(0, 1 voxel) on a
+    control grid every 10 voxels (elastic alone: mean ≈ 0.9, max ≈ 4 voxels). The embedded volumes are affinely
+    pre-aligned, so the affine part only mimics residual misalignment: with ±10°/±8 %/±3 voxels the identity
+    Dice of training pairs fell to 0.10–0.19 against 0.34–0.36 for the (aligned) test pairs. ≈ 0.25 s per 80×96×80 volume on one core.
     """
     chain = Chain(
         [

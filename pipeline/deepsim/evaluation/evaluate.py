@@ -87,4 +87,25 @@ def evaluate_methods(
     table = format_table(summary)
     atomic_write(report_dir / "summary.md", lambda tmp: Path(tmp).write_text(table + "\n"))
     figures.plot_dice_boxplot(results, report_dir / "dice_boxplot.png")
+    report = _report_markdown(table, results, methods, split)
+    atomic_write(report_dir / "report.md", lambda tmp: Path(tmp).write_text(report))
     return summary
+
+
+def _report_markdown(table: str, results: pd.DataFrame, methods: Sequence[str], split: str) -> str:
+    """The report page: table, what the numbers mean, and the figures of the first pair per method."""
+    first = results.iloc[0]
+    lines = [
+        "# Registration report", "",
+        f"{results['pair_id'].nunique()} {split} pairs (fixed → moving, subjects never seen in training).", "",
+        table, "",
+        "Dice: mean over the labels present in the fixed label map (nearest-neighbour warped labels), then mean ± "
+        "std over pairs. Folding: % of voxels with det J ≤ 0. std log|J|: std of log det J over voxels with "
+        "det J > 0 (not Learn2Reg's clipped SDlogJ). Jacobian statistics over the whole fixed grid.", "",
+        "![Dice per pair](dice_boxplot.png)", "",
+        f"## First pair: {first['moving_id']} → {first['fixed_id']}", "",
+    ]
+    for method in methods:
+        lines += [f"### {method}", "", f"![overlay](overlay_{method}.png)", "",
+                  f"![deformation grid](grid_{method}.png) ![Jacobian determinant](jacobian_{method}.png)", ""]
+    return "\n".join(lines)
