@@ -1,7 +1,6 @@
 """Prepared datasets: splits by subject, caching, users' folders and datalists, pair sampling."""
 
 import json
-import time
 
 import nibabel as nib
 import numpy as np
@@ -87,28 +86,19 @@ def test_pair_dataset_never_pairs_a_subject_with_itself_and_yields_roi_shapes(tm
     assert SubjectImages(path, "test")[0]["image"].affine.shape == (4, 4)
 
 
-def test_toy_dataset_is_fast(tmp_path):
-    start = time.perf_counter()
-    make_toy_dataset(tmp_path / "toy")
-    assert time.perf_counter() - start < 2.0
-
-
 @pytest.mark.slow
 def test_embedded_preparation_splits_by_donor_and_caches(tmp_path):
-    start = time.perf_counter()
     path = prepare_embedded_brains(tmp_path / "emb", progress=False)
-    elapsed = time.perf_counter() - start
     d = load_datalist(path)
     assert not _subjects(d, "training") & _subjects(d, "test")
-    assert (len(d["training"]), len(d["validation"]), len(d["test"])) == (36, 4, 4)
+    assert (len(d["training"]), len(d["validation"]), len(d["test"])) == (27, 3, 6)
     assert len(d["label_values"]) == 83 and d["label_names"]["0"] == "background"
     assert nib.load(d["test"][0]["image"]).shape == (80, 96, 80)
-    assert elapsed < 90  # ≈ 25–35 s on 2 cores
-    start = time.perf_counter()
+    stamp = path.stat().st_mtime_ns
     assert prepare_embedded_brains(tmp_path / "emb", progress=False) == path
-    assert time.perf_counter() - start < 1.0
+    assert path.stat().st_mtime_ns == stamp  # served from the cache, not rewritten
     pairs = PairDataset(path, "test")
-    assert len(pairs) == 8 and pairs[0]["fixed"].shape == (1, 80, 96, 80)
+    assert len(pairs) == 24 and pairs[0]["fixed"].shape == (1, 80, 96, 80)
 
 
 def test_cached_second_embedded_call_is_fast_and_returns_the_same_path(tmp_path):
@@ -116,8 +106,8 @@ def test_cached_second_embedded_call_is_fast_and_returns_the_same_path(tmp_path)
                   augment_copies=1, test_variants=1, progress=False, num_workers=0)  # fmt: skip
     path = prepare_embedded_brains(tmp_path / "emb", **kwargs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb"]  # no temporary folders left behind
-    start = time.perf_counter()
+    stamp = path.stat().st_mtime_ns
     assert prepare_embedded_brains(tmp_path / "emb", **kwargs) == path
-    assert time.perf_counter() - start < 0.5
+    assert path.stat().st_mtime_ns == stamp  # served from the cache, not rewritten
     d = load_datalist(path)
     assert _subjects(d, "training") == {"9861"} and _subjects(d, "test") == {"10021"}
