@@ -58,7 +58,6 @@ def save_volume(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path
 
 def save_displacement(path: str | Path, ddf_mm: np.ndarray, affine: np.ndarray) -> Path:
     """Write a world-space displacement (ndim, *S) in mm as a NIfTI vector image (*S, 1, ndim), intent VECTOR."""
-    ndim = ddf_mm.shape[0]
     data = np.moveaxis(np.asarray(ddf_mm, dtype=np.float32), 0, -1)[..., None, :]
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
     img.header.set_intent("vector", (), "displacement_mm_RAS")

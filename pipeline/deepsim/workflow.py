@@ -117,8 +117,12 @@ def run_pipeline(
     device: str | None = None,
     seed: int = 0,
     progress: bool = True,
-) -> "Any":
-    """Run every stage of ``profile`` into ``output_dir``; return the evaluation summary (pandas DataFrame)."""
+) -> tuple[Any, str]:
+    """Run every stage of ``profile`` into ``output_dir``.
+
+    Returns ``(summary, tracking_uri)``: the evaluation summary (pandas DataFrame, one row per method) and the
+    MLflow tracking URI the runs went to.
+    """
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     losses = list(losses or profile.losses)
@@ -138,17 +142,12 @@ def run_pipeline(
         tracking.log_artifact(profile.source, "config")
         _print(f"[deepsim] profile {profile.name!r}: {profile.description}")
         _print(f"[deepsim] 1/4 preparing data in {output_dir / 'data'}")
-        with tracking.stage_run("preprocess", tags):
-            tracking.log_params(common)
-            run_stage("preprocess", common)
-        for i, kind in enumerate(kinds):
+        _tracked_stage("preprocess", "preprocess", common, tags)
+        for kind in kinds:
             name = f"feature_{kind}"
             _print(f"[deepsim] 2/4 feature pretraining: {name}")
-            overrides = {**common, **profile.stages.get(name, {})}
-            with tracking.stage_run(name, tags):
-                tracking.log_params(overrides)
-                run_stage(name, overrides)
-                tracking.log_artifact(output_dir / "models" / f"feature_{kind}.pt", "checkpoint")
+            _tracked_stage(name, name, {**common, **profile.stages.get(name, {})}, tags,
+                           [(output_dir / "models" / f"{name}.pt", "checkpoint")])
         run_ids = {}
         for loss in losses:
             _print(f"[deepsim] 3/4 registration training: {loss}")
@@ -156,36 +155,39 @@ def run_pipeline(
                          **profile.stages.get("registration_by_loss", {}).get(loss, {}), "similarity": loss}
             if loss in profile.lambdas:
                 overrides["regularization_weight"] = profile.lambdas[loss]
-            with tracking.stage_run(f"registration-{loss}", {**tags, "similarity": loss}) as run:
-                run_ids[loss] = run.info.run_id
-                tracking.log_params(overrides)
-                run_stage("registration", overrides)
-                tracking.log_artifact(output_dir / "models" / f"registration_{loss}.pt", "checkpoint")
+            run_ids[loss], _ = _tracked_stage(f"registration-{loss}", "registration", overrides,
+                                              {**tags, "similarity": loss},
+                                              [(output_dir / "models" / f"registration_{loss}.pt", "checkpoint")])
         _print("[deepsim] 4/4 evaluation on the held-out test pairs")
-        with tracking.stage_run("evaluation", tags):
-            parser = run_stage("evaluate", {**common, "methods": ["identity", *losses]})
-            summary = parser.get_parsed_content("evaluate")
-            report = output_dir / "report"
-            tracking.log_artifact(report, "report")
-            for row in summary.to_dict("records"):
-                tracking.log_metrics({f"test/{row['method']}/dice_mean": row["dice_mean"],
-                                      f"test/{row['method']}/folding_pct": row["folding_pct"],
-                                      f"test/{row['method']}/std_logjac": row["std_logjac"]})
-        _log_test_metrics_to_loss_runs(summary, run_ids)
+        eval_id, parser = _tracked_stage("evaluation", "evaluate", {**common, "methods": ["identity", *losses]},
+                                         tags, [(output_dir / "report", "report")])
+        summary = parser.get_parsed_content("evaluate")
+        _log_test_metrics(summary, run_ids, eval_id)
         tracking.log_metrics({"pipeline/wall_time_s": time.perf_counter() - started})
         _print(f"[deepsim] parent MLflow run: {parent.info.run_id}")
     return summary, uri
 
 
-def _log_test_metrics_to_loss_runs(summary, run_ids: Mapping[str, str]) -> None:
-    """Give each registration run its own ``test/*`` metrics, so runs compare side by side in the MLflow UI."""
+def _tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags: Mapping[str, str],
+                   artifacts: Sequence[tuple[Path, str]] = ()) -> tuple[str, Any]:
+    """Run one bundle stage inside a nested MLflow run: params, the merged stage config and ``artifacts`` logged."""
+    with tracking.stage_run(run_name, tags) as run:
+        tracking.log_params(overrides)
+        parser = run_stage(stage, overrides)
+        tracking.log_dict(parser.get(), f"config/{stage}.json")
+        for path, artifact_path in artifacts:
+            tracking.log_artifact(path, artifact_path)
+    return run.info.run_id, parser
+
+
+def _log_test_metrics(summary, run_ids: Mapping[str, str], evaluation_run_id: str) -> None:
+    """Test metrics per method on the evaluation run, and ``test/*`` on each registration run (compare in the UI)."""
     import mlflow
 
     client = mlflow.tracking.MlflowClient()
     for row in summary.to_dict("records"):
-        run_id = run_ids.get(row["method"])
-        if run_id is None:
-            continue
         for key in ("dice_mean", "dice_std", "folding_pct", "std_logjac"):
-            if key in row:
-                client.log_metric(run_id, f"test/{key}", float(row[key]))
+            value = float(row[key])
+            client.log_metric(evaluation_run_id, f"test/{row['method']}/{key}", value)
+            if row["method"] in run_ids:
+                client.log_metric(run_ids[row["method"]], f"test/{key}", value)

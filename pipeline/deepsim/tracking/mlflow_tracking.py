@@ -7,6 +7,7 @@ Every function here is a no-op when no run is active, so stages also run untrack
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -17,7 +18,7 @@ from typing import Any
 from deepsim.errors import ConfigError
 
 __all__ = ["default_tracking_uri", "setup_tracking", "stage_run", "log_epoch_metrics", "log_params",
-           "log_artifact", "flatten", "git_commit", "ui_command"]
+           "log_artifact", "log_dict", "flatten", "git_commit", "ui_command"]
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
@@ -106,6 +107,14 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
             mlflow.log_artifacts(str(path), artifact_path)
         else:
             mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_dict(content: Mapping, artifact_file: str) -> None:
+    """Store ``content`` as a JSON artifact (e.g. the merged bundle config of a stage)."""
+    if _active():
+        import mlflow
+
+        mlflow.log_dict(json.loads(json.dumps(content, default=str)), artifact_file)
 
 
 def git_commit() -> str:
