@@ -134,3 +134,14 @@ def test_bad_user_data_stops_the_main_job_with_one_line_naming_the_file(tmp_path
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("deepsim: error: DatasetError:") and "s2_" in last
     assert not (out / "data" / "datalist.json").exists()
+
+
+@pytest.mark.slow
+def test_stage_runs_with_monai_bundle_command_line(tmp_path):
+    configs = BUNDLE / "configs"
+    files = f"['{configs / 'common.json'}','{configs / 'preprocess.json'}']"
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", files,
+                           "--output_dir", str(tmp_path / "out"), "--dataset", "toy"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "out" / "data" / "datalist.json").is_file()
