@@ -47,13 +47,18 @@ def load_volume(path: str | Path, ndim: int = 3) -> tuple[np.ndarray, np.ndarray
     return data, img.affine
 
 
+def _save_nifti(path: str | Path, img: nib.Nifti1Image) -> Path:
+    # nibabel picks the format from the file name, so write "<tmp>.nii.gz" and move it onto the temp path.
+    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else Path(path).suffix
+    return atomic_write(path, lambda tmp: nib.save(img, tmp + suffix) or Path(tmp + suffix).replace(tmp))
+
+
 def save_volume(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path:
     """Write ``array`` with ``affine`` atomically (ITK-SNAP / 3D Slicer open it on the right grid)."""
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else Path(path).suffix
-    return atomic_write(path, lambda tmp: nib.save(img, tmp + suffix) or Path(tmp + suffix).replace(tmp))
+    return _save_nifti(path, img)
 
 
 def save_displacement(path: str | Path, ddf_mm: np.ndarray, affine: np.ndarray) -> Path:
@@ -61,5 +66,4 @@ def save_displacement(path: str | Path, ddf_mm: np.ndarray, affine: np.ndarray) 
     data = np.moveaxis(np.asarray(ddf_mm, dtype=np.float32), 0, -1)[..., None, :]
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
     img.header.set_intent("vector", (), "displacement_mm_RAS")
-    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else Path(path).suffix
-    return atomic_write(path, lambda tmp: nib.save(img, tmp + suffix) or Path(tmp + suffix).replace(tmp))
+    return _save_nifti(path, img)

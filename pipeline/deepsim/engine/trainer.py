@@ -167,7 +167,7 @@ def build_trainer(
         train_data_loader=train_loader,
         network=network,
         optimizer=optimizer,
-        loss_function=getattr(task, "objective", None) or (lambda *a: None),
+        loss_function=task,  # stored by MONAI only; the task computes the loss inside TaskIteration
         iteration_update=TaskIteration(task, accumulation_steps),
         decollate=False,
     )
