@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from deepsim.evaluation.dice import dice_per_label, mean_dice
-from deepsim.spatial import warp_labels
+from deepsim.evaluation.evaluate import register_pair
 
 __all__ = ["ValidationDice"]
 
@@ -46,10 +46,7 @@ class ValidationDice:
         network.eval()
         scores = []
         for pair in self._pairs:
-            fixed = torch.as_tensor(pair["fixed"])[None].float().to(device)
-            moving = torch.as_tensor(pair["moving"])[None].float().to(device)
-            ddf = network(moving, fixed)
-            warped = warp_labels(torch.as_tensor(pair["moving_label"])[None].to(device), ddf)
+            warped = register_pair(network, pair, device)["warped_label"]
             scores.append(mean_dice(dice_per_label(torch.as_tensor(pair["fixed_label"]), warped[0].cpu())))
         network.train(was_training)
         metrics = {"val/dice": float(sum(scores) / len(scores))}

@@ -21,13 +21,23 @@ from deepsim.evaluation.jacobian import jacobian_determinant
 from deepsim.evaluation.summary import format_table, pair_metrics, summarise
 from deepsim.spatial import warp_image, warp_labels
 
-__all__ = ["evaluate_methods"]
+__all__ = ["evaluate_methods", "register_pair"]
 
 
-def _predict(network, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-    if network is None:  # identity
-        return torch.zeros((1, fixed.ndim - 2, *fixed.shape[2:]), device=fixed.device)
-    return network(moving, fixed)
+def register_pair(network, pair: dict, device: torch.device | str) -> dict[str, torch.Tensor | float]:
+    """Register one PairDataset item: ``fixed``, ``moving`` (1, 1, *S), ``ddf`` (1, ndim, *S) voxels, ``warped_label``
+    (1, 1, *S) by nearest neighbour, and ``seconds`` spent predicting the field. ``network=None`` is the identity.
+    """
+    fixed = torch.as_tensor(pair["fixed"])[None].float().to(device)
+    moving = torch.as_tensor(pair["moving"])[None].float().to(device)
+    start = time.perf_counter()
+    if network is None:
+        ddf = torch.zeros((1, fixed.ndim - 2, *fixed.shape[2:]), device=fixed.device)
+    else:
+        ddf = network(moving, fixed)
+    seconds = time.perf_counter() - start
+    warped_label = warp_labels(torch.as_tensor(pair["moving_label"])[None].to(device), ddf)
+    return {"fixed": fixed, "moving": moving, "ddf": ddf, "warped_label": warped_label, "seconds": seconds}
 
 
 @torch.no_grad()
@@ -62,14 +72,10 @@ def evaluate_methods(
             network = load_network(ckpt, map_location=device).to(device).eval()
         for i in tqdm(range(len(pairs)), desc=f"evaluate {method}", disable=not progress, unit="pair"):
             pair = pairs[i]
-            fixed = torch.as_tensor(pair["fixed"])[None].float().to(device)
-            moving = torch.as_tensor(pair["moving"])[None].float().to(device)
-            start = time.perf_counter()
-            ddf = _predict(network, moving, fixed)
-            seconds = time.perf_counter() - start
-            warped_label = warp_labels(torch.as_tensor(pair["moving_label"])[None].to(device), ddf)
-            fixed_label = torch.as_tensor(pair["fixed_label"])
-            metrics, per_label = pair_metrics(fixed_label, warped_label[0].cpu(), ddf.cpu())
+            out = register_pair(network, pair, device)
+            fixed, moving, ddf, seconds = out["fixed"], out["moving"], out["ddf"], out["seconds"]
+            metrics, per_label = pair_metrics(torch.as_tensor(pair["fixed_label"]), out["warped_label"][0].cpu(),
+                                              ddf.cpu())
             rows.append({"method": method, "pair_id": pair["pair_id"], "fixed_id": pair["fixed_id"],
                          "moving_id": pair["moving_id"], **metrics, "inference_s": seconds, "train_time_s": train_time})
             label_rows += [{"method": method, "pair_id": pair["pair_id"], "label": k, "dice": v}
