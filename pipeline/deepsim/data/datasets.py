@@ -540,3 +540,8 @@ def load_datalist(path: Path) -> dict:
             for key in ("image", "label"):
                 item[key] = str(path.parent / item[key])
     return content
+
+
+def label_values(datalist_path: Path | str) -> list[int]:
+    """The dataset's label values (the prepared datalist's ``label_values``), e.g. for NCC+sup's one-hot maps."""
+    return [int(v) for v in load_datalist(Path(datalist_path))["label_values"]]

@@ -26,7 +26,11 @@ def _to(batch: Mapping, key: str, device: torch.device | str) -> torch.Tensor:
 
 
 class RegistrationTask:
-    """loss of ``objective(warp(moving, net(moving, fixed)), fixed, ddf)``."""
+    """loss of ``objective(warp(moving, net(moving, fixed)), fixed, ddf)``.
+
+    If the objective ``needs_labels`` (NCC+sup), the batch's ``moving_label`` and ``fixed_label`` (B, 1, *S) are
+    passed on as well.
+    """
 
     def __init__(self, objective: nn.Module):
         self.objective = objective
@@ -35,6 +39,9 @@ class RegistrationTask:
         fixed, moving = _to(batch, "fixed", device).float(), _to(batch, "moving", device).float()
         ddf = network(moving, fixed)
         warped = warp_image(moving, ddf)
+        if getattr(self.objective, "needs_labels", False):
+            return self.objective(warped, fixed, ddf, moving_label=_to(batch, "moving_label", device),
+                                  fixed_label=_to(batch, "fixed_label", device))
         return self.objective(warped, fixed, ddf)
 
 
