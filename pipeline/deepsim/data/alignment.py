@@ -13,9 +13,12 @@ LPS with ``(k, j, i)`` array order. All conversions between the two live in this
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
+
+if TYPE_CHECKING:  # imported where used: SimpleITK is only needed for affine alignment (and is a 50 MB wheel)
+    import SimpleITK as sitk
 
 __all__ = ["to_sitk", "from_sitk", "reference_grid", "estimate_affine", "resample_to_grid"]
 
@@ -24,6 +27,8 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 def to_sitk(array: np.ndarray, affine_ras: np.ndarray) -> sitk.Image:
     """NumPy (i, j, k) volume + voxel->RAS affine -> SimpleITK image with the same world geometry (LPS)."""
+    import SimpleITK as sitk
+
     affine_lps = _RAS_TO_LPS @ np.asarray(affine_ras, dtype=np.float64)
     spacing = np.linalg.norm(affine_lps[:3, :3], axis=0)
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
@@ -35,6 +40,8 @@ def to_sitk(array: np.ndarray, affine_ras: np.ndarray) -> sitk.Image:
 
 def from_sitk(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """SimpleITK image -> (NumPy (i, j, k) volume, voxel->RAS affine)."""
+    import SimpleITK as sitk
+
     array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
     affine_lps = np.eye(4)
     affine_lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
@@ -58,6 +65,8 @@ def estimate_affine(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100
     input resolution: on 1 mm brains this took 2-4 s per donor instead of 23-67 s at full resolution (2 CPU
     cores), for an affine that is then applied at 2 mm anyway.
     """
+    import SimpleITK as sitk
+
     fixed, moving = sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32)
     initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
@@ -82,6 +91,8 @@ def resample_to_grid(array: np.ndarray, affine_ras: np.ndarray, transform: sitk.
 
     Linear interpolation for images, nearest neighbour for label maps (values preserved); zero outside.
     """
+    import SimpleITK as sitk
+
     reference = to_sitk(np.zeros(tuple(int(n) for n in grid_shape), dtype=np.uint8), grid_affine_ras)
     moving = to_sitk(array, affine_ras)
     interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
