@@ -1,4 +1,8 @@
-"""``deepsim`` command line. ``deepsim run`` is the main job; ``deepsim bundle-path`` locates the MONAI bundle."""
+"""``deepsim`` command line.
+
+``deepsim run`` is the main job; ``deepsim reproduce`` the paper reproduction (all losses, datasets, seeds, noise);
+``deepsim sweep`` the λ selection; ``deepsim bundle-path`` locates a MONAI bundle.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ _EPILOG = """examples:
   deepsim run --profile quick --out /tmp/q # tiny data, seconds: checks an installation
   deepsim run --losses mse deepsim-seg     # only some losses
   deepsim run --tracking-uri http://mlflow.example:5000
+  deepsim reproduce                        # paper reproduction, CPU scale: brains + cells, 3 seeds, noise study
+  deepsim reproduce --scale full --datasets brain_mri --device cuda   # 1 mm brains on a GPU
+  deepsim sweep --profile paper_cells --losses mse ncc --grid 0.1 1 10
   python -m monai.bundle run --config_file "['$(deepsim bundle-path)/configs/common.json','$(deepsim bundle-path)/configs/train_feature_seg.json']"
 """
 
@@ -49,7 +56,52 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
     run.add_argument("--seed", type=int, default=0, help="random seed (data synthesis, pairs, initialisation)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    sub.add_parser("bundle-path", help="print the folder of the installed brain_mri MONAI bundle")
+    rep = sub.add_parser(
+        "reproduce",
+        help="reproduce the paper: every loss, every dataset, several seeds, noise study, one report",
+        description="Train every similarity loss of the paper on every dataset of the experiment config with several "
+        "seeds, evaluate on held-out test pairs with and without added noise, and write a Markdown report (tables "
+        "with Wilcoxon tests, the paper's claims, box plots, smoothness-vs-noise plot, qualitative figure). "
+        "Everything is logged to MLflow under one parent run. Finished seeds are reused when run again.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    rep.add_argument("--scale", choices=["quick", "full"], default="quick",
+                     help="'quick': CPU scale (configs/experiments/paper_cpu.json); 'full': 1 mm brains for a GPU "
+                     "(paper_gpu.json)")
+    rep.add_argument("--config", default=None, help="an experiment config name or JSON path (overrides --scale)")
+    rep.add_argument("--datasets", nargs="+", default=None, metavar="NAME", help="subset of the config's datasets")
+    rep.add_argument("--seeds", nargs="+", type=int, default=None, help="override the config's seeds")
+    rep.add_argument("--out", type=Path, default=Path("deepsim_reproduce"), help="output folder")
+    rep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
+    rep.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    rep.add_argument("--no-resume", action="store_true", help="retrain seeds whose results already exist in --out")
+    rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    swp = sub.add_parser(
+        "sweep",
+        help="choose the regularisation weight λ per loss on validation pairs",
+        description="Train each loss over a grid of λ (same data, steps and seed), score each on the validation "
+        "pairs, and pick λ per loss: the highest validation Dice among λ with mean folding ≤ --max-folding "
+        "percent (ties within 0.002 Dice go to the larger λ). Writes sweep.csv/.md/.png and chosen.json; "
+        "--update-profile writes the choice into a profile JSON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    swp.add_argument("--profile", default="paper_brain", help="profile name or JSON path")
+    swp.add_argument("--losses", nargs="+", default=None, metavar="LOSS", help="losses (default: the profile's)")
+    grid = swp.add_mutually_exclusive_group()
+    grid.add_argument("--grid", nargs="+", type=float, default=None, metavar="LAMBDA",
+                      help="the same λ values for every loss (default: 0.0625 0.25 1 4)")
+    grid.add_argument("--relative", nargs="+", type=float, default=None, metavar="FACTOR",
+                      help="per-loss grids: each loss's current λ (profile, else bundle default) times these factors")
+    swp.add_argument("--max-folding", type=float, default=1.0, help="folding %% allowed for a chosen λ")
+    swp.add_argument("--out", type=Path, default=Path("deepsim_sweep"), help="output folder")
+    swp.add_argument("--update-profile", type=Path, nargs="+", default=None, metavar="JSON",
+                     help="write the chosen λ into the 'lambdas' map of these profile files")
+    swp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
+    swp.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    swp.add_argument("--seed", type=int, default=0, help="random seed")
+    swp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    bp = sub.add_parser("bundle-path", help="print the folder of an installed MONAI bundle")
+    bp.add_argument("name", nargs="?", default="brain_mri", help="bundle name: brain_mri or cells_2d")
     return parser
 
 
@@ -81,6 +133,36 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from deepsim.experiments.reproduce import load_experiment, run_reproduction
+
+    experiment = load_experiment(args.config or ("paper_cpu" if args.scale == "quick" else "paper_gpu"))
+    command = "deepsim " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("deepsim") else "deepsim reproduce"
+    path, _ = run_reproduction(experiment, args.out, datasets=args.datasets, seeds=args.seeds, device=args.device,
+                               tracking_uri=args.tracking_uri, progress=not args.no_progress,
+                               resume=not args.no_resume, command=command,
+                               report_name="paper_gpu" if experiment.name == "paper_gpu" else "paper_cpu")
+    print(path.read_text())
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from deepsim.experiments.sweep import DEFAULT_GRID, format_sweep, relative_grid, run_sweep, update_profile
+    from deepsim.workflow import load_profile
+
+    profile = load_profile(args.profile)
+    losses = args.losses or profile.losses
+    grid = relative_grid(profile, losses, args.relative) if args.relative else (args.grid or DEFAULT_GRID)
+    table, chosen = run_sweep(profile, args.out, losses, grid,
+                              seed=args.seed, device=args.device, tracking_uri=args.tracking_uri,
+                              progress=not args.no_progress, max_folding_pct=args.max_folding)
+    print(format_sweep(table, chosen, profile.name, args.max_folding))
+    for path in args.update_profile or []:
+        update_profile(path, chosen)
+        print(f"chosen λ written to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Emitted by torch inside MONAI's Warp on every call; not actionable for users.
@@ -89,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bundle-path":
             from deepsim.workflow import bundle_dir
 
-            print(bundle_dir())
+            print(bundle_dir(args.name))
             return 0
+        if args.command == "reproduce":
+            return _reproduce(args)
+        if args.command == "sweep":
+            return _sweep(args)
         return _run(args)
     except KeyboardInterrupt:
         print("deepsim: interrupted", file=sys.stderr)

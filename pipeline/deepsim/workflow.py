@@ -20,7 +20,19 @@ from deepsim.errors import ConfigError
 from deepsim.registration.similarity import FEATURE_NET_OF, SIMILARITY_NAMES
 from deepsim.tracking import mlflow_tracking as tracking
 
-__all__ = ["Profile", "load_profile", "bundle_dir", "run_stage", "run_pipeline", "STAGE_FILES"]
+__all__ = [
+    "STAGE_FILES",
+    "Profile",
+    "bundle_dir",
+    "check_losses",
+    "load_profile",
+    "prepare_and_pretrain",
+    "registration_overrides",
+    "run_pipeline",
+    "run_stage",
+    "stage_common",
+    "tracked_stage",
+]
 
 STAGE_FILES = {
     "preprocess": "preprocess.json",
@@ -30,7 +42,7 @@ STAGE_FILES = {
     "evaluate": "evaluate.json",
     "inference": "inference.json",
 }
-_PROFILE_KEYS = {"description", "experiment", "common", "losses", "stages", "lambdas"}
+_PROFILE_KEYS = {"description", "experiment", "bundle", "common", "losses", "stages", "lambdas"}
 
 
 def _package_path(package: str, *parts: str) -> Path:
@@ -56,6 +68,7 @@ class Profile:
     stages: dict[str, dict[str, Any]]
     lambdas: dict[str, float]
     description: str = ""
+    bundle: str = "brain_mri"
     source: str = field(default="")
 
 
@@ -78,7 +91,8 @@ def load_profile(name_or_path: str) -> Profile:
         raise ConfigError(f"{path}: unknown losses {bad}; choose from {list(SIMILARITY_NAMES)}")
     return Profile(name=path.stem, experiment=raw.get("experiment", path.stem), common=raw.get("common", {}),
                    losses=list(raw.get("losses", SIMILARITY_NAMES)), stages=raw.get("stages", {}),
-                   lambdas=raw.get("lambdas", {}), description=raw.get("description", ""), source=str(path))
+                   lambdas=raw.get("lambdas", {}), description=raw.get("description", ""),
+                   bundle=raw.get("bundle", "brain_mri"), source=str(path))
 
 
 def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = None) -> Any:
@@ -109,6 +123,44 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
+def stage_common(profile: Profile, output_dir: Path, seed: int = 0, progress: bool = True,
+                 device: str | None = None) -> dict[str, Any]:
+    """The overrides every stage of ``profile`` gets: the profile's ``common`` values, output folder, seed, device."""
+    common = {**profile.common, "output_dir": str(output_dir), "seed": seed, "progress": progress}
+    if device:
+        common["device"] = f"$torch.device({device!r})"
+    return common
+
+
+def registration_overrides(profile: Profile, common: Mapping[str, Any], loss: str) -> dict[str, Any]:
+    """Overrides of the registration stage for ``loss``: profile stage values, per-loss values, its lambda."""
+    overrides = {**common, **profile.stages.get("registration", {}),
+                 **profile.stages.get("registration_by_loss", {}).get(loss, {}), "similarity": loss}
+    if loss in profile.lambdas:
+        overrides["regularization_weight"] = profile.lambdas[loss]
+    return overrides
+
+
+def check_losses(losses: Sequence[str]) -> list[str]:
+    bad = [loss for loss in losses if loss not in SIMILARITY_NAMES]
+    if bad:
+        raise ConfigError(f"unknown losses {bad}; choose from {list(SIMILARITY_NAMES)}")
+    return list(losses)
+
+
+def prepare_and_pretrain(profile: Profile, common: Mapping[str, Any], losses: Sequence[str],
+                         tags: Mapping[str, str], bundle: Path) -> None:
+    """Stages 1 and 2: prepare the data, then pretrain the feature nets that ``losses`` need (tracked runs)."""
+    output_dir = Path(common["output_dir"])
+    _print(f"[deepsim] 1/4 preparing data in {output_dir / 'data'}")
+    tracked_stage("preprocess", "preprocess", common, tags, bundle=bundle)
+    for kind in sorted({FEATURE_NET_OF[loss] for loss in losses} - {None}):
+        name = f"feature_{kind}"
+        _print(f"[deepsim] 2/4 feature pretraining: {name}")
+        tracked_stage(name, name, {**common, **profile.stages.get(name, {})}, tags,
+                      [(output_dir / "models" / f"{name}.pt", "checkpoint")], bundle=bundle)
+
+
 def run_pipeline(
     profile: Profile,
     output_dir: str | Path,
@@ -117,50 +169,47 @@ def run_pipeline(
     device: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    nested: bool = False,
 ) -> tuple[Any, str]:
     """Run every stage of ``profile`` into ``output_dir``.
+
+    ``nested=True`` keeps the currently active MLflow run (and its tracking set-up) as this pipeline's parent,
+    as ``deepsim reproduce`` does for its seeds and datasets.
 
     Returns ``(summary, tracking_uri)``: the evaluation summary (pandas DataFrame, one row per method) and the
     MLflow tracking URI the runs went to.
     """
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    losses = list(losses or profile.losses)
-    bad = [loss for loss in losses if loss not in SIMILARITY_NAMES]
-    if bad:
-        raise ConfigError(f"unknown losses {bad}; choose from {list(SIMILARITY_NAMES)}")
-    uri = tracking.setup_tracking(tracking_uri or tracking.default_tracking_uri(output_dir), profile.experiment)
-    common = {**profile.common, "output_dir": str(output_dir), "seed": seed, "progress": progress}
-    if device:
-        common["device"] = f"$torch.device({device!r})"
-    kinds = sorted({FEATURE_NET_OF[loss] for loss in losses} - {None})
+    losses = check_losses(losses or profile.losses)
+    if nested:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+    else:
+        uri = tracking.setup_tracking(tracking_uri or tracking.default_tracking_uri(output_dir), profile.experiment)
+    bundle = bundle_dir(profile.bundle)
+    common = stage_common(profile, output_dir, seed, progress, device)
     tags = {"git_commit": tracking.git_commit(), "dataset": str(profile.common.get("dataset")), "seed": str(seed),
-            "profile": profile.name}
+            "profile": profile.name, "bundle": profile.bundle}
     started = time.perf_counter()
-    with tracking.stage_run(f"pipeline-{profile.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags, nested=False) as parent:
+    run_name = f"pipeline-{profile.name}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tracking.stage_run(run_name, tags, nested=nested) as parent:
         tracking.log_params({"profile": profile.name, "losses": losses, **common})
         tracking.log_artifact(profile.source, "config")
         _print(f"[deepsim] profile {profile.name!r}: {profile.description}")
-        _print(f"[deepsim] 1/4 preparing data in {output_dir / 'data'}")
-        _tracked_stage("preprocess", "preprocess", common, tags)
-        for kind in kinds:
-            name = f"feature_{kind}"
-            _print(f"[deepsim] 2/4 feature pretraining: {name}")
-            _tracked_stage(name, name, {**common, **profile.stages.get(name, {})}, tags,
-                           [(output_dir / "models" / f"{name}.pt", "checkpoint")])
+        prepare_and_pretrain(profile, common, losses, tags, bundle)
         run_ids = {}
         for loss in losses:
             _print(f"[deepsim] 3/4 registration training: {loss}")
-            overrides = {**common, **profile.stages.get("registration", {}),
-                         **profile.stages.get("registration_by_loss", {}).get(loss, {}), "similarity": loss}
-            if loss in profile.lambdas:
-                overrides["regularization_weight"] = profile.lambdas[loss]
-            run_ids[loss], _ = _tracked_stage(f"registration-{loss}", "registration", overrides,
-                                              {**tags, "similarity": loss},
-                                              [(output_dir / "models" / f"registration_{loss}.pt", "checkpoint")])
+            run_ids[loss], _ = tracked_stage(f"registration-{loss}", "registration",
+                                             registration_overrides(profile, common, loss),
+                                             {**tags, "similarity": loss},
+                                             [(output_dir / "models" / f"registration_{loss}.pt", "checkpoint")],
+                                             bundle=bundle)
         _print("[deepsim] 4/4 evaluation on the held-out test pairs")
-        eval_id, parser = _tracked_stage("evaluation", "evaluate", {**common, "methods": ["identity", *losses]},
-                                         tags, [(output_dir / "report", "report")])
+        eval_id, parser = tracked_stage("evaluation", "evaluate", {**common, "methods": ["identity", *losses]},
+                                        tags, [(output_dir / "report", "report")], bundle=bundle)
         summary = parser.get_parsed_content("evaluate")
         _log_test_metrics(summary, run_ids, eval_id)
         tracking.log_metrics({"pipeline/wall_time_s": time.perf_counter() - started})
@@ -168,12 +217,16 @@ def run_pipeline(
     return summary, uri
 
 
-def _tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags: Mapping[str, str],
-                   artifacts: Sequence[tuple[Path, str]] = ()) -> tuple[str, Any]:
-    """Run one bundle stage inside a nested MLflow run: params, the merged stage config and ``artifacts`` logged."""
+def tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags: Mapping[str, str],
+                  artifacts: Sequence[tuple[Path, str]] = (), bundle: Path | None = None) -> tuple[str, Any]:
+    """Run one bundle stage inside a nested MLflow run: params, the merged stage config and ``artifacts`` logged.
+
+    Returns ``(run_id, parser)``; ``parser`` is the stage's resolved config (read results with
+    ``parser.get_parsed_content(...)``).
+    """
     with tracking.stage_run(run_name, tags) as run:
         tracking.log_params(overrides)
-        parser = run_stage(stage, overrides)
+        parser = run_stage(stage, overrides, bundle=bundle)
         tracking.log_dict(parser.get(), f"config/{stage}.json")
         for path, artifact_path in artifacts:
             tracking.log_artifact(path, artifact_path)

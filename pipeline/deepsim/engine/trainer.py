@@ -20,7 +20,23 @@ from torch import nn
 
 from deepsim.engine.checkpoints import save_checkpoint
 
-__all__ = ["TaskIteration", "build_trainer", "EpochAverages", "SaveNetwork", "ProgressBar"]
+__all__ = ["TaskIteration", "build_trainer", "EpochAverages", "SaveNetwork", "ProgressBar", "seed_everything"]
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (MONAI's ``set_determinism``) and choose cuDNN's mode.
+
+    ``deterministic=False`` (default) lets cuDNN autotune its convolution algorithms: the same seed then gives the
+    same data, pairs and initial weights, but GPU results may differ in the last bits between runs. ``True``
+    forces cuDNN's deterministic algorithms (bitwise repeatable GPU runs, slower 3D convolutions). CPU runs are
+    deterministic either way.
+    """
+    import torch
+    from monai.utils import set_determinism
+
+    set_determinism(seed=int(seed))
+    torch.backends.cudnn.deterministic = bool(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 class TaskIteration:

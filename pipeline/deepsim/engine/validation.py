@@ -47,7 +47,7 @@ class ValidationDice:
         scores = []
         for pair in self._pairs:
             warped = register_pair(network, pair, device)["warped_label"]
-            scores.append(mean_dice(dice_per_label(torch.as_tensor(pair["fixed_label"]), warped[0].cpu())))
+            scores.append(mean_dice(dice_per_label(torch.as_tensor(pair["fixed_label"]).to(warped.device), warped[0])))
         network.train(was_training)
         metrics = {"val/dice": float(sum(scores) / len(scores))}
         engine.state.metrics.update(metrics)

@@ -25,7 +25,8 @@ from matplotlib.figure import Figure
 
 from deepsim.evaluation.summary import IDENTITY_METHOD
 
-__all__ = ["plot_registration_overlay", "plot_deformation_grid", "plot_jacobian", "plot_dice_boxplot"]
+__all__ = ["plot_registration_overlay", "plot_deformation_grid", "plot_jacobian", "plot_dice_boxplot",
+           "plot_method_gallery"]
 
 PathLike = str | Path
 ArrayLike = np.ndarray | torch.Tensor
@@ -224,4 +225,47 @@ def plot_dice_boxplot(results_df: pd.DataFrame, path: PathLike, methods: Sequenc
     ax.set_xticklabels([str(m) for m in methods], rotation=30, ha="right")
     ax.set_ylabel("mean Dice per pair")
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_method_gallery(
+    fixed: ArrayLike,
+    moving: ArrayLike,
+    results: dict[str, tuple[ArrayLike, ArrayLike]],
+    path: PathLike,
+    slice_axis: int = 0,
+    grid_step: int | None = None,
+) -> Path:
+    """One row per method: fixed, moving, warped, fixed (R) / warped (G) overlay, deformed grid over the fixed image.
+
+    ``results`` maps a method name to ``(warped, ddf)``; ``ddf`` in voxels as in :func:`plot_deformation_grid`.
+    3D volumes show the mid-slice across ``slice_axis``; 2D images are shown whole.
+    """
+    f_img, m_img = _image("fixed", fixed), _image("moving", moving)
+    axis = None if f_img.ndim == 2 else slice_axis
+    fig = Figure(figsize=(15, 3.2 * max(1, len(results))))
+    grid = _axes_grid(fig, max(1, len(results)), 5)
+    f, m = _normalise(_mid(f_img, axis)), _normalise(_mid(m_img, axis))
+    for row, (method, (warped, ddf)) in zip(grid, results.items()):
+        w = _normalise(_mid(_image("warped", warped), axis))
+        overlay = np.stack([f, w, np.zeros_like(f)], axis=-1)
+        for ax, picture, title in zip(row[:4], [f, m, w, overlay], ["fixed", "moving", "warped", "fixed R / warped G"]):
+            ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(f"{method}: {title}" if title == "warped" else title, fontsize=9)
+            ax.set_axis_off()
+        u = _field(ddf)
+        p, q = [i for i in range(u.shape[0]) if i != axis]
+        up, uq = _mid(u[p], axis), _mid(u[q], axis)
+        n_p, n_q = up.shape
+        step = grid_step or max(1, min(n_p, n_q) // 16)
+        ax = row[4]
+        ax.imshow(f, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        for r in range(0, n_p, step):
+            ax.plot(np.arange(n_q) + uq[r, :], r + up[r, :], color="tab:red", linewidth=0.6)
+        for c in range(0, n_q, step):
+            ax.plot(c + uq[:, c], np.arange(n_p) + up[:, c], color="tab:red", linewidth=0.6)
+        ax.set_xlim(-0.5, n_q - 0.5)
+        ax.set_ylim(n_p - 0.5, -0.5)
+        ax.set_title(f"{method}: deformed grid", fontsize=9)
+        ax.set_axis_off()
     return _save(fig, path)
