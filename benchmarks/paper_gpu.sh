@@ -4,6 +4,7 @@
 #   bash benchmarks/paper_gpu.sh sweep OUT_DIR       # λ sweep of the seven losses on the 2 mm brains (validation
 #                                                     # pairs); writes the chosen λ into paper_brain(_1mm).json
 #   bash benchmarks/paper_gpu.sh reproduce OUT_DIR   # 1 mm brains, 3 seeds, noise study, report
+#   bash benchmarks/paper_gpu.sh reproduce OUT_DIR paper_cpu brain_mri   # another experiment config / dataset
 #
 # Several processes share the one GPU (each alone leaves most of it idle: the networks are small). Concurrent
 # processes log to their own SQLite MLflow stores (SQLite has one writer); the final reproduce call finds every
@@ -39,14 +40,16 @@ if [ "$PHASE" = sweep ]; then
   wait_all "${pids[@]}"
   cat "$OUT"/sweep*/sweep/sweep.md
 elif [ "$PHASE" = reproduce ]; then
+  CONFIG=${3:-paper_gpu}
+  DATASETS=${4:-brain_mri}
   pids=()
   for seed in 0 1 2; do
-    python3 -m deepsim.cli reproduce --scale full --seeds "$seed" --out "$OUT" --device cuda --no-progress \
-      --tracking-uri "sqlite:///$OUT/mlflow_seed$seed.db" > "$OUT/job$seed.log" 2>&1 &
+    python3 -m deepsim.cli reproduce --config "$CONFIG" --datasets "$DATASETS" --seeds "$seed" --out "$OUT" \
+      --device cuda --no-progress --tracking-uri "sqlite:///$OUT/mlflow_seed$seed.db" > "$OUT/job$seed.log" 2>&1 &
     pids+=($!)
   done
   wait_all "${pids[@]}"
-  python3 -m deepsim.cli reproduce --scale full --out "$OUT" --device cuda --no-progress
+  python3 -m deepsim.cli reproduce --config "$CONFIG" --datasets "$DATASETS" --out "$OUT" --device cuda --no-progress
 else
   echo "unknown phase $PHASE; use sweep or reproduce" >&2
   exit 2

@@ -137,11 +137,11 @@ def _reproduce(args: argparse.Namespace) -> int:
     from deepsim.experiments.reproduce import load_experiment, run_reproduction
 
     experiment = load_experiment(args.config or ("paper_cpu" if args.scale == "quick" else "paper_gpu"))
-    command = "deepsim " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("deepsim") else "deepsim reproduce"
+    command = "deepsim " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("deepsim", "cli.py")) else "deepsim reproduce"
     path, _ = run_reproduction(experiment, args.out, datasets=args.datasets, seeds=args.seeds, device=args.device,
                                tracking_uri=args.tracking_uri, progress=not args.no_progress,
                                resume=not args.no_resume, command=command,
-                               report_name="paper_gpu" if experiment.name == "paper_gpu" else "paper_cpu")
+                               report_name=experiment.name)
     print(path.read_text())
     return 0
 
