@@ -127,9 +127,9 @@ def test_reproduce_command_writes_report_rows_for_every_seed_noise_method_and_pa
     assert n_pairs >= 2
     assert len(results) == 2 * 2 * 3 * n_pairs  # seeds x noise levels x methods (identity, mse, deepsim-seg) x pairs
     assert set(results["noise_std"]) == {0.0, 0.1}
-    report = (out / "report" / "paper_cpu.md").read_text()
+    report = (out / "report" / "experiment.md").read_text()
     assert "## toy" in report and "Claim" in report
-    assert (out / "report" / "paper_cpu_toy_qualitative.png").stat().st_size > 1000
+    assert (out / "report" / "experiment_toy_qualitative.png").stat().st_size > 1000
     # a second call finds every seed's results and only rebuilds the report
     assert main(["reproduce", "--config", str(tmp_path / "experiment.json"), "--out", str(out),
                  "--no-progress"]) == 0

@@ -14,6 +14,7 @@ only to such a loss, so the others keep the two-argument call. A new loss is one
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from monai.losses import DiceLoss, LocalNormalizedCrossCorrelationLoss
@@ -102,6 +103,32 @@ class DeepSimLoss(nn.Module):
             p.requires_grad_(False)
         self.levels = None if levels is None else tuple(levels)
         self.eps = eps
+
+    @classmethod
+    def from_bundle(cls, source: str | Path = "brain_mri", kind: str = "seg", levels: Sequence[int] | None = None,
+                    device: torch.device | str = "cpu") -> DeepSimLoss:
+        """A ready DeepSim loss from a trained feature net, for any registration code (a plain MONAI loop too).
+
+        ``source`` is an installed bundle name (``"brain_mri"`` ships feature nets trained by our pipeline), a
+        bundle folder or pipeline output folder holding ``models/feature_<kind>.pt``, or such a checkpoint file.
+        ``kind`` is ``"seg"`` (DeepSim-seg) or ``"ae"`` (DeepSim-AE). The weights load with
+        ``torch.load(weights_only=True)``; the architecture comes from the checkpoint. Inputs must be prepared like
+        the net's training images: one channel, intensities scaled to [0, 1] (our datasets clip at the 0.5 and
+        99.5 percentiles), sizes divisible by 8, the spacing of its training data (the bundle's docs say which).
+        """
+        from deepsim.engine.checkpoints import load_network
+
+        path = Path(source)
+        if path.suffix != ".pt":
+            if not path.exists() and "/" not in str(source):
+                from deepsim.workflow import bundle_dir
+
+                path = bundle_dir(str(source))
+            path = path / "models" / f"feature_{kind}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no trained feature net (run the feature_{kind} stage, or pass a "
+                                    "bundle/output folder with models/feature_<kind>.pt)")
+        return cls(load_network(path, map_location=device), levels=levels).to(device)
 
     def train(self, mode: bool = True) -> DeepSimLoss:
         # The feature net stays in eval mode whatever the trainer asks: it is a fixed part of the loss.
