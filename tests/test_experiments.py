@@ -161,3 +161,18 @@ def test_sweep_command_scores_every_lambda_on_validation_and_updates_the_profile
     assert chosen == choose_lambdas(table)
     assert json.loads(profile_path.read_text())["lambdas"]["ncc"] == chosen["ncc"]
     assert (out / "sweep" / "sweep_dice_vs_folding.png").stat().st_size > 1000
+
+
+def test_report_command_merges_results_files_and_names_a_missing_one(tmp_path, capsys):
+    from deepsim.cli import main
+
+    results = _results()
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    results.to_csv(a, index=False)
+    results.assign(dataset="other").to_csv(b, index=False)
+    assert main(["report", "--results", str(a), str(b), "--out", str(tmp_path / "r"), "--name", "merged",
+                 "--note", "brain: machine A", "--command", "made by hand"]) == 0
+    text = (tmp_path / "r" / "merged.md").read_text()
+    assert "## toy" in text and "## other" in text and "brain: machine A" in text and "made by hand" in text
+    assert main(["report", "--results", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "r")]) == 2
+    assert "nope.csv" in capsys.readouterr().err

@@ -100,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     swp.add_argument("--seed", type=int, default=0, help="random seed")
     swp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    rp = sub.add_parser(
+        "report",
+        help="rebuild a reproduction report from all_results.csv files (e.g. datasets run on different machines)",
+        description="Merge the all_results.csv of one or more `deepsim reproduce` runs and write the report "
+        "(tables, tests, claims, plots) again, without training anything.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    rp.add_argument("--results", nargs="+", type=Path, required=True, metavar="CSV", help="all_results.csv files")
+    rp.add_argument("--config", default="paper_cpu", help="experiment config whose published figures to show")
+    rp.add_argument("--out", type=Path, required=True, help="folder for the Markdown report and its PNGs")
+    rp.add_argument("--name", default="paper_cpu", help="report file name (without .md)")
+    rp.add_argument("--qualitative", nargs="*", default=[], metavar="DATASET=PNG",
+                    help="qualitative figures to copy beside the report")
+    rp.add_argument("--note", action="append", default=[], help="a line for the report header (repeatable)")
+    rp.add_argument("--command", dest="made_by", default=None,
+                    help="the command(s) that produced the results, for the header")
     bp = sub.add_parser("bundle-path", help="print the folder of an installed MONAI bundle")
     bp.add_argument("name", nargs="?", default="brain_mri", help="bundle name: brain_mri or cells_2d")
     return parser
@@ -146,6 +162,36 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    import shutil
+
+    import pandas as pd
+
+    from deepsim.errors import ConfigError
+    from deepsim.experiments.report import write_report
+    from deepsim.experiments.reproduce import load_experiment
+
+    missing = [str(p) for p in args.results if not p.is_file()]
+    if missing:
+        raise ConfigError(f"results file(s) not found: {', '.join(missing)}")
+    results = pd.concat([pd.read_csv(p) for p in args.results], ignore_index=True)
+    experiment = load_experiment(args.config)
+    published = {d["name"]: d["published"] for d in experiment.datasets if d.get("published")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    for item in args.qualitative:
+        dataset, _, png = item.partition("=")
+        if not png or not Path(png).is_file():
+            raise ConfigError(f"--qualitative {item!r}: expected DATASET=PNG with an existing PNG")
+        figures[dataset] = args.out / f"{args.name}_{dataset}_qualitative.png"
+        if Path(png).resolve() != figures[dataset].resolve():
+            shutil.copyfile(png, figures[dataset])
+    path = write_report(results, args.out, args.made_by or "deepsim report " + " ".join(sys.argv[2:]), published,
+                        figures, "\n\n".join(args.note), args.name)
+    print(path)
+    return 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from deepsim.experiments.sweep import DEFAULT_GRID, format_sweep, relative_grid, run_sweep, update_profile
     from deepsim.workflow import load_profile
@@ -177,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             return _reproduce(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "report":
+            return _report(args)
         return _run(args)
     except KeyboardInterrupt:
         print("deepsim: interrupted", file=sys.stderr)
