@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 from monai.bundle import ConfigParser
 from torch.utils.data import DataLoader
 
@@ -327,3 +328,14 @@ def test_registration_bundle_hands_the_datalist_label_values_to_ncc_sup(tmp_path
     objective = parser.get_parsed_content("objective")
     assert isinstance(objective.similarity, NCCSupLoss) and objective.similarity.indexer.num_classes == 7
     assert objective.regularization_weight == parser.get_parsed_content("lambdas")["ncc-sup"]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 10, 12, 9), (2, 1, 7, 8)])
+def test_ncc_sup_block_fractions_equal_average_pooled_one_hots(shape):
+    values = [0, 3, 1002, 2035]
+    labels = torch.tensor(values)[torch.randint(0, 4, shape)]
+    loss = NCCSupLoss(values, spatial_dims=len(shape) - 2)
+    one_hot = F.one_hot(loss.indexer.to_index(labels[:, 0]), 4).movedim(-1, 1).float()
+    pool = F.avg_pool3d if len(shape) == 5 else F.avg_pool2d
+    assert torch.equal(loss._onehot(labels, 2), pool(one_hot, 2))
+    assert torch.equal(loss._onehot(labels, 1), one_hot)

@@ -200,20 +200,38 @@ class NCCSupLoss(nn.Module):
         self.label_term, self.label_weight = label_term, float(label_weight)
         self.dice = DiceLoss(include_background=False)
 
-    def _onehot(self, labels: torch.Tensor) -> torch.Tensor:
-        """(B, 1, *S) label values -> (B, K, *S) float one-hot over the indexer's classes."""
+    def _onehot(self, labels: torch.Tensor, factor: int = 1) -> torch.Tensor:
+        """(B, 1, *S) label values -> (B, K, *S / factor) class fractions over factor^d blocks (one-hot for 1).
+
+        Equal to average-pooling the full-resolution one-hot map (trailing voxels that do not fill a block are
+        dropped, like ``avg_pool``), but counted with one ``bincount``: the full-resolution K-channel map of 83
+        brain labels is never built.
+        """
         index = self.indexer.to_index(torch.as_tensor(labels)[:, 0])
-        return F.one_hot(index, self.indexer.num_classes).movedim(-1, 1).float()
+        k = self.indexer.num_classes
+        if factor == 1:
+            return F.one_hot(index, k).movedim(-1, 1).float()
+        b, shape = index.shape[0], [n // factor for n in index.shape[1:]]
+        index = index[(slice(None), *[slice(0, n * factor) for n in shape])]
+        # block id of every voxel: its coordinates divided by the factor, raveled over the coarse grid
+        block = torch.zeros_like(index)
+        for axis, n in enumerate(shape):
+            coord = torch.arange(n * factor, device=index.device) // factor
+            block = block * n + coord.view(*[-1 if a == axis else 1 for a in range(len(shape))])
+        cells = int(torch.tensor(shape).prod())
+        flat = (torch.arange(b, device=index.device).view(b, *[1] * len(shape)) * k + index) * cells + block
+        counts = torch.bincount(flat.reshape(-1), minlength=b * k * cells).float()
+        return counts.view(b, k, *shape) / factor ** len(shape)
 
     def label_loss(self, moving_label: torch.Tensor, fixed_label: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
         """The label term alone: L(warp(onehot(moving_label), ddf), onehot(fixed_label))."""
         from deepsim.spatial import warp_onehot
 
-        moving, target = self._onehot(moving_label), self._onehot(fixed_label)
         f = self.label_downsample
+        moving, target = self._onehot(moving_label, f), self._onehot(fixed_label, f)
         if f > 1:
             pool = F.avg_pool3d if ddf.ndim == 5 else F.avg_pool2d
-            moving, target, ddf = pool(moving, f), pool(target, f), pool(ddf, f) / f
+            ddf = pool(ddf, f) / f
         warped = warp_onehot(moving, ddf)
         if self.label_term == "dice":
             return self.dice(warped, target)
