@@ -72,20 +72,27 @@ class Profile:
     source: str = field(default="")
 
 
-def load_profile(name_or_path: str) -> Profile:
-    """Load a profile by name (``quick``, ``default``, ``full``) or from a JSON path; validate its keys."""
+def read_config_json(name_or_path: str, folder: str, allowed: set[str]) -> tuple[Path, dict]:
+    """``configs/<folder>/<name>.json`` (a bare name) or a JSON path -> ``(path, content)``, keys checked."""
+    kind = folder.rstrip("s")
     path = Path(name_or_path)
     if not path.suffix:
-        path = _package_path("deepsim.configs", "profiles", f"{name_or_path}.json")
+        path = _package_path("deepsim.configs", folder, f"{name_or_path}.json")
     if not path.is_file():
-        raise ConfigError(f"profile {name_or_path!r}: no such profile file ({path})")
+        raise ConfigError(f"{kind} {name_or_path!r}: no such {kind} file ({path})")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON ({exc})") from exc
-    unknown = set(raw) - _PROFILE_KEYS
+    unknown = set(raw) - allowed
     if unknown:
-        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(_PROFILE_KEYS)}")
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return path, raw
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """Load a profile by name (``quick``, ``default``, ``full``) or from a JSON path; validate its keys."""
+    path, raw = read_config_json(name_or_path, "profiles", _PROFILE_KEYS)
     bad = [loss for loss in raw.get("losses", []) if loss not in SIMILARITY_NAMES]
     if bad:
         raise ConfigError(f"{path}: unknown losses {bad}; choose from {list(SIMILARITY_NAMES)}")

@@ -16,12 +16,10 @@ is read back instead of retrained when ``resume=True``.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -51,18 +49,9 @@ class Experiment:
 
 def load_experiment(name_or_path: str) -> Experiment:
     """Load ``configs/experiments/<name>.json`` (or a path) and check its keys and values."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = Path(str(resources.files("deepsim.configs").joinpath("experiments", f"{name_or_path}.json")))
-    if not path.is_file():
-        raise ConfigError(f"experiment {name_or_path!r}: no such experiment file ({path})")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON ({exc})") from exc
-    unknown = set(raw) - _KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+    from deepsim.workflow import read_config_json
+
+    path, raw = read_config_json(name_or_path, "experiments", _KEYS)
     datasets = raw.get("datasets", [])
     if not datasets:
         raise ConfigError(f"{path}: 'datasets' must list at least one dataset")
