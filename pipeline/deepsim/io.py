@@ -62,10 +62,17 @@ def save_volume(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path
 
 
 def save_displacement(path: str | Path, ddf_mm: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a world-space displacement (ndim, *S) in mm as a NIfTI vector image, intent VECTOR: shape
-    (*S, 1, ndim) in 3D, (*S, 1, 1, ndim) in 2D — the components always on NIfTI's 5th axis."""
-    ddf_mm = np.asarray(ddf_mm, dtype=np.float32)
-    data = np.moveaxis(ddf_mm, 0, -1).reshape(*ddf_mm.shape[1:], *[1] * (5 - ddf_mm.ndim), ddf_mm.shape[0])
+    """Write a displacement field as ITK and ANTs read it: a NIfTI vector image (intent VECTOR) on the fixed grid.
+
+    ``ddf_mm``: (ndim, *S) world displacement in mm with RAS components (what ``ddf_voxel_to_world`` gives for a
+    NIfTI affine). ITK works in LPS and its NIfTI reader does not convert vector components, so the file stores
+    LPS components (x and y negated), the convention of ANTs' warp fields: SimpleITK's
+    ``DisplacementFieldTransform`` + ``Resample`` then reproduce our warp (tests/test_io_itk_field.py). Shape on
+    disk: (*S, 1, ndim) in 3D, (*S, 1, 1, ndim) in 2D — the components always on NIfTI's 5th axis.
+    """
+    ddf_lps = np.asarray(ddf_mm, dtype=np.float32).copy()
+    ddf_lps[:2] *= -1.0
+    data = np.moveaxis(ddf_lps, 0, -1).reshape(*ddf_lps.shape[1:], *[1] * (5 - ddf_lps.ndim), ddf_lps.shape[0])
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
-    img.header.set_intent("vector", (), "displacement_mm_RAS")
+    img.header.set_intent("vector", (), "disp mm ITK LPS")
     return _save_nifti(path, img)

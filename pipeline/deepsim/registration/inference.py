@@ -2,7 +2,7 @@
 
 Inputs must already live on the model's grid (as written by the preprocessing stage: same shape, RAS, training
 spacing). Outputs: ``warped.nii.gz`` (moving resampled onto the fixed grid, fixed affine), ``ddf_mm.nii.gz``
-(displacement in world millimetres, RAS), and ``warped_label.nii.gz`` when a moving label map is given.
+(displacement in world millimetres, LPS components as ITK/ANTs read them), and ``warped_label.nii.gz`` when a moving label map is given.
 """
 
 from __future__ import annotations
