@@ -41,3 +41,48 @@ def test_simpleitk_resampling_through_the_written_field_reproduces_our_warp(tmp_
     inner = (slice(3, -3),) * 3  # border voxels: ITK and MONAI pad outside the image differently
     # measured: 3.6e-7 of an intensity range of 3 (float32 rounding); RAS components instead of LPS gave 0.63
     assert np.abs(itk[inner] - ours[inner]).max() < 1e-4
+
+
+def _field_and_image(tmp_path, affine):
+    shape = (16, 18, 14)
+    rng = np.random.default_rng(0)
+    image = rng.random(shape).astype(np.float32)
+    labels = rng.choice([0, 7, 1002, 2035], size=shape).astype(np.int16)
+    ddf = torch.zeros(1, 3, *shape)
+    ddf[0, 0], ddf[0, 2] = 1.7, -0.6
+    ddf_mm = ddf_voxel_to_world(ddf, torch.tensor(affine, dtype=torch.float32))[0].numpy()
+    save_displacement(tmp_path / "field.nii.gz", ddf_mm, affine)
+    save_volume(tmp_path / "image.nii.gz", image, affine)
+    save_volume(tmp_path / "labels.nii.gz", labels, affine)
+    return image, labels, ddf
+
+
+def test_warp_command_applies_a_saved_field_like_the_registration_did(tmp_path):
+    from deepsim.cli import main
+
+    affine = _oblique_affine(-0.4)
+    image, labels, ddf = _field_and_image(tmp_path, affine)
+    assert main(["warp", "--field", str(tmp_path / "field.nii.gz"), "--image", str(tmp_path / "image.nii.gz"),
+                 "--out", str(tmp_path / "w.nii.gz")]) == 0
+    out = nib.load(tmp_path / "w.nii.gz")
+    expected = warp_image(torch.tensor(image)[None, None], ddf)[0, 0].numpy()
+    assert np.allclose(out.affine, affine, atol=1e-6)
+    assert np.abs(out.get_fdata() - expected).max() < 1e-5
+    assert main(["warp", "--field", str(tmp_path / "field.nii.gz"), "--image", str(tmp_path / "labels.nii.gz"),
+                 "--out", str(tmp_path / "wl.nii.gz"), "--label"]) == 0
+    warped_labels = np.asarray(nib.load(tmp_path / "wl.nii.gz").dataobj)
+    assert set(np.unique(warped_labels)) <= {0, 7, 1002, 2035}
+    # nearest neighbour of x + (1.7, 0, -0.6) voxels is x + (2, 0, -1)
+    assert np.array_equal(warped_labels[:-3, :, 1:], labels[2:-1, :, :-1])
+
+
+def test_warp_command_refuses_an_image_on_another_grid_in_one_line(tmp_path, capsys):
+    from deepsim.cli import main
+
+    _field_and_image(tmp_path, _oblique_affine(0.2))
+    save_volume(tmp_path / "other.nii.gz", np.zeros((16, 18, 14), np.float32), np.eye(4))
+    assert main(["warp", "--field", str(tmp_path / "field.nii.gz"), "--image", str(tmp_path / "other.nii.gz"),
+                 "--out", str(tmp_path / "w.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "other.nii.gz" in err and "field's grid" in err
+    assert not (tmp_path / "w.nii.gz").exists()

@@ -116,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--note", action="append", default=[], help="a line for the report header (repeatable)")
     rp.add_argument("--command", dest="made_by", default=None,
                     help="the command(s) that produced the results, for the header")
+    wp = sub.add_parser(
+        "warp",
+        help="apply a saved displacement field (ddf_mm.nii.gz) to an image or label map on the same grid",
+        description="Resample IMAGE through FIELD (a displacement field written by deepsim, or by ITK/ANTs: NIfTI "
+        "vector, mm, LPS components) and write the result with the field's grid and affine. Linear "
+        "interpolation, or nearest neighbour with --label (label values preserved).",
+    )
+    wp.add_argument("--field", type=Path, required=True, help="displacement field NIfTI")
+    wp.add_argument("--image", type=Path, required=True, help="image or label map on the field's grid")
+    wp.add_argument("--out", type=Path, required=True, help="output NIfTI path")
+    wp.add_argument("--label", action="store_true", help="nearest-neighbour resampling of a label map")
     bp = sub.add_parser("bundle-path", help="print the folder of an installed MONAI bundle")
     bp.add_argument("name", nargs="?", default="brain_mri", help="bundle name: brain_mri or cells_2d")
     return parser
@@ -225,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "warp":
+            from deepsim.registration.inference import apply_field
+
+            print(apply_field(args.field, args.image, args.out, label=args.label))
+            return 0
         return _run(args)
     except KeyboardInterrupt:
         print("deepsim: interrupted", file=sys.stderr)

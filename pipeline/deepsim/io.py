@@ -11,7 +11,7 @@ import numpy as np
 
 from deepsim.errors import DatasetError
 
-__all__ = ["atomic_write", "load_volume", "save_displacement", "save_volume"]
+__all__ = ["atomic_write", "load_displacement", "load_volume", "save_displacement", "save_volume"]
 
 
 def atomic_write(path: str | Path, write) -> Path:
@@ -76,3 +76,32 @@ def save_displacement(path: str | Path, ddf_mm: np.ndarray, affine: np.ndarray) 
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
     img.header.set_intent("vector", (), "disp mm ITK LPS")
     return _save_nifti(path, img)
+
+
+
+def load_displacement(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a field written by :func:`save_displacement` (or by ITK/ANTs: LPS components, mm).
+
+    Returns ``(ddf_mm, affine)``: (ndim, *S) displacement in mm with RAS components, and the grid's voxel->RAS
+    affine. DatasetError names the file and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:
+        raise DatasetError(f"{path}: not a readable NIfTI image ({type(exc).__name__})") from exc
+    if data.ndim != 5 or data.shape[-1] not in (2, 3):
+        raise DatasetError(f"{path} has shape {data.shape}; expected a displacement field (*S, 1, ndim) on NIfTI's "
+                           "5th axis")
+    ndim = data.shape[-1]
+    spatial = data.shape[:ndim]
+    if any(n != 1 for n in data.shape[ndim:-1]):
+        raise DatasetError(f"{path} has shape {data.shape}; expected {ndim} spatial axes for {ndim} components")
+    ddf = np.moveaxis(data.reshape(*spatial, ndim), -1, 0).copy()
+    if not np.isfinite(ddf).all():
+        raise DatasetError(f"{path}: contains NaN or infinite displacements")
+    ddf[:2] *= -1.0  # LPS -> RAS components
+    return ddf, img.affine

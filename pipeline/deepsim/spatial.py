@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from monai.networks.blocks import Warp
 
-__all__ = ["warp_image", "warp_labels", "warp_onehot", "ddf_voxel_to_world", "identity_grid"]
+__all__ = ["warp_image", "warp_labels", "warp_onehot", "ddf_voxel_to_world", "ddf_world_to_voxel", "identity_grid"]
 
 _bilinear_warp = Warp(mode="bilinear", padding_mode="border")
 _nearest_warp = Warp(mode="nearest", padding_mode="zeros")
@@ -65,6 +65,14 @@ def ddf_voxel_to_world(ddf: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     linear = torch.as_tensor(affine, dtype=torch.float64, device=ddf.device)[:ndim, :ndim]
     out = torch.einsum("ij,bj...->bi...", linear, ddf.double())
     return out.to(ddf.dtype)
+
+
+def ddf_world_to_voxel(ddf_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`ddf_voxel_to_world`: (B, ndim, *S) mm in the world frame of ``affine`` -> voxels."""
+    ndim = ddf_mm.shape[1]
+    linear = torch.as_tensor(affine, dtype=torch.float64, device=ddf_mm.device)[:ndim, :ndim]
+    out = torch.einsum("ij,bj...->bi...", torch.linalg.inv(linear), ddf_mm.double())
+    return out.to(ddf_mm.dtype)
 
 
 def identity_grid(shape: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:

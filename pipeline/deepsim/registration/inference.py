@@ -14,10 +14,33 @@ import torch
 
 from deepsim.engine.checkpoints import load_network
 from deepsim.errors import DatasetError
-from deepsim.io import load_volume, save_displacement, save_volume
-from deepsim.spatial import ddf_voxel_to_world, warp_image, warp_labels
+from deepsim.io import load_displacement, load_volume, save_displacement, save_volume
+from deepsim.spatial import ddf_voxel_to_world, ddf_world_to_voxel, warp_image, warp_labels
 
-__all__ = ["register_files"]
+__all__ = ["register_files", "apply_field"]
+
+
+@torch.no_grad()
+def apply_field(field: str | Path, image: str | Path, out: str | Path, label: bool = False) -> Path:
+    """Warp ``image`` with a saved displacement field (``deepsim warp``) and write it on the field's grid.
+
+    ``image`` must lie on the field's grid (same shape and affine, to 1e-4 mm), as the moving image does after
+    registration here. Images are resampled linearly; with ``label=True`` by nearest neighbour, label values kept.
+    """
+    ddf_mm, affine = load_displacement(field)
+    ndim = ddf_mm.shape[0]
+    array, image_affine = load_volume(image, ndim)
+    if array.shape != ddf_mm.shape[1:] or not np.allclose(image_affine, affine, atol=1e-4):
+        raise DatasetError(f"{image}: grid {array.shape} with affine {np.round(image_affine, 3).tolist()} is not the "
+                           f"field's grid {ddf_mm.shape[1:]} {np.round(affine, 3).tolist()}")
+    ddf = ddf_world_to_voxel(torch.as_tensor(ddf_mm)[None], torch.as_tensor(affine))
+    if label:
+        if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
+            raise DatasetError(f"{image}: --label given but the image has non-integer values")
+        warped = warp_labels(torch.as_tensor(array.astype(np.int64))[None, None], ddf)[0, 0].numpy().astype(np.int32)
+    else:
+        warped = warp_image(torch.as_tensor(np.asarray(array, dtype=np.float32))[None, None], ddf)[0, 0].numpy()
+    return save_volume(out, warped, affine)
 
 
 @torch.no_grad()
