@@ -86,3 +86,16 @@ def test_warp_command_refuses_an_image_on_another_grid_in_one_line(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "other.nii.gz" in err and "field's grid" in err
     assert not (tmp_path / "w.nii.gz").exists()
+
+
+def test_warp_command_line_prints_exactly_one_line_for_a_bad_field(tmp_path):
+    import subprocess
+    import sys
+
+    save_volume(tmp_path / "plain.nii.gz", np.zeros((4, 4, 4), np.float32), np.eye(4))
+    proc = subprocess.run([sys.executable, "-m", "deepsim.cli", "warp", "--field", str(tmp_path / "plain.nii.gz"),
+                           "--image", str(tmp_path / "plain.nii.gz"), "--out", str(tmp_path / "o.nii.gz")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "plain.nii.gz" in proc.stderr and "displacement field" in proc.stderr
+    assert not (tmp_path / "o.nii.gz").exists()

@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Emitted by torch inside MONAI's Warp on every call; not actionable for users.
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
+    # MONAI's Warp announces its (only) backend on construction: noise before our one-line errors.
+    warnings.filterwarnings("ignore", message="monai.networks.blocks.Warp: Using PyTorch native grid_sample")
     try:
         if args.command == "bundle-path":
             from deepsim.workflow import bundle_dir
