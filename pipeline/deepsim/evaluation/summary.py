@@ -26,6 +26,7 @@ __all__ = [
     "pair_metrics",
     "summarise",
     "format_table",
+    "format_number",
     "paired_wilcoxon",
 ]
 
@@ -117,7 +118,8 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     return summary.reset_index()
 
 
-def _number(value: float, digits: int) -> str:
+def format_number(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` decimals for a Markdown table; "—" for None or NaN."""
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
@@ -134,14 +136,15 @@ def format_table(summary: pd.DataFrame) -> str:
     ]
     for row in summary.itertuples(index=False):
         method = str(row.method)
-        dice = _number(row.dice_mean, 3)
+        dice = format_number(row.dice_mean, 3)
         if dice != "—":
-            dice += " ± " + _number(row.dice_std, 3)
+            dice += " ± " + format_number(row.dice_std, 3)
         time = getattr(row, "train_time_s", float("nan"))
-        time_text = "—" if method.lower() == IDENTITY_METHOD else _number(time, 1)
+        time_text = "—" if method.lower() == IDENTITY_METHOD else format_number(time, 1)
         if time_text != "—":
             time_text += " s"
-        cells = [method.replace("|", "\\|"), dice, _number(row.folding_pct, 3), _number(row.std_logjac, 3), time_text]
+        cells = [method.replace("|", "\\|"), dice, format_number(row.folding_pct, 3),
+                 format_number(row.std_logjac, 3), time_text]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from deepsim.evaluation.summary import IDENTITY_METHOD, paired_wilcoxon
+from deepsim.evaluation.summary import IDENTITY_METHOD, format_number, paired_wilcoxon
 from deepsim.io import atomic_write
 
 __all__ = ["INTENSITY_LOSSES", "SEMANTIC_LOSSES", "seed_averaged", "dataset_table", "claims", "noise_table",
@@ -48,10 +48,6 @@ def _order(methods: Sequence[str]) -> list[str]:
 def best_baseline(clean: pd.DataFrame) -> str | None:
     means = clean[clean["method"].isin(INTENSITY_LOSSES)].groupby("method")["dice_mean"].mean()
     return None if means.empty else str(means.idxmax())
-
-
-def _fmt(v: float, digits: int = 3) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
 def _p(v: float) -> str:
@@ -83,11 +79,12 @@ def dataset_table(results: pd.DataFrame, published: Mapping[str, Mapping[str, fl
             p = "—"
         else:
             p = _p(paired_wilcoxon(per_pair, method, baseline))
-        cells = [method, _fmt(rows["dice_mean"].mean()), _fmt(pp["dice_mean"].std(ddof=1)),
-                 _fmt(by_seed.std(ddof=1)) if len(by_seed) > 1 else "—", _fmt(rows["folding_pct"].mean()),
-                 _fmt(rows["std_logjac"].mean()), p]
+        seed_std = format_number(by_seed.std(ddof=1)) if len(by_seed) > 1 else "—"
+        cells = [method, format_number(rows["dice_mean"].mean()), format_number(pp["dice_mean"].std(ddof=1)),
+                 seed_std, format_number(rows["folding_pct"].mean()), format_number(rows["std_logjac"].mean()), p]
         if pub_dice:
-            cells += [_fmt(pub_dice.get(method, float("nan"))), _fmt(pub_fold.get(method, float("nan")), 2)]
+            cells += [format_number(pub_dice.get(method, float("nan"))),
+                      format_number(pub_fold.get(method, float("nan")), 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -102,7 +99,7 @@ def noise_table(results: pd.DataFrame) -> str:
         cells = [method]
         for s in levels:
             rows = results[(results["method"] == method) & (results["noise_std"] == s)]
-            cells.append(" / ".join(_fmt(rows[m].mean()) for m in _METRICS))
+            cells.append(" / ".join(format_number(rows[m].mean()) for m in _METRICS))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -212,8 +209,8 @@ def write_report(
             noise_png = plot_noise_study(rows, out_dir / f"{name}_{dataset}_noise.png", dataset)
             lines += ["### Noise study", "", noise_table(rows), "", f"![smoothness vs noise]({noise_png.name})", ""]
         if qualitative and dataset in qualitative:
-            lines += ["### Qualitative (seed 0, first test pair)", "", f"![qualitative]({Path(qualitative[dataset]).name})",
-                      ""]
+            png = Path(qualitative[dataset]).name
+            lines += ["### Qualitative (seed 0, first test pair)", "", f"![qualitative]({png})", ""]
     path = out_dir / f"{name}.md"
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
     return path
