@@ -29,16 +29,21 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
-def load_volume(path: str | Path, ndim: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """Read a NIfTI volume -> (array (*S), 4x4 voxel->RAS affine). DatasetError names the file and the problem."""
-    path = Path(path)
+def _read_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """(image, voxel array) of a NIfTI file; DatasetError names the file when it is missing or unreadable."""
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
+        return img, np.asarray(img.dataobj)
     except Exception as exc:
         raise DatasetError(f"{path}: not a readable NIfTI image ({type(exc).__name__})") from exc
+
+
+def load_volume(path: str | Path, ndim: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI volume -> (array (*S), 4x4 voxel->RAS affine). DatasetError names the file and the problem."""
+    path = Path(path)
+    img, data = _read_nifti(path)
     data = np.squeeze(data) if data.ndim > ndim else data
     if data.ndim != ndim:
         raise DatasetError(f"{path} has {data.ndim} dimensions; expected a {ndim}D volume")
@@ -86,13 +91,8 @@ def load_displacement(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     affine. DatasetError names the file and the problem.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found")
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as exc:
-        raise DatasetError(f"{path}: not a readable NIfTI image ({type(exc).__name__})") from exc
+    img, data = _read_nifti(path)
+    data = data.astype(np.float32, copy=False)
     if data.ndim != 5 or data.shape[-1] not in (2, 3):
         raise DatasetError(f"{path} has shape {data.shape}; expected a displacement field (*S, 1, ndim) on NIfTI's "
                            "5th axis")
