@@ -55,24 +55,27 @@ def warp_onehot(onehot: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
     return _bilinear_warp(onehot.float(), ddf.float())
 
 
+def _apply_linear(ddf: torch.Tensor, affine: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Multiply every displacement vector by the linear part of ``affine`` (or its inverse), in float64."""
+    ndim = ddf.shape[1]
+    linear = torch.as_tensor(affine, dtype=torch.float64, device=ddf.device)[:ndim, :ndim]
+    if inverse:
+        linear = torch.linalg.inv(linear)
+    return torch.einsum("ij,bj...->bi...", linear, ddf.double()).to(ddf.dtype)
+
+
 def ddf_voxel_to_world(ddf: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """Convert a displacement from voxels to millimetres in the world frame of ``affine``.
 
     ddf: (B, ndim, *S) voxels; affine: (ndim+1, ndim+1) voxel -> world (RAS for NIfTI) -> (B, ndim, *S) mm.
     A displacement is a difference of positions, so only the linear part of the affine applies.
     """
-    ndim = ddf.shape[1]
-    linear = torch.as_tensor(affine, dtype=torch.float64, device=ddf.device)[:ndim, :ndim]
-    out = torch.einsum("ij,bj...->bi...", linear, ddf.double())
-    return out.to(ddf.dtype)
+    return _apply_linear(ddf, affine, inverse=False)
 
 
 def ddf_world_to_voxel(ddf_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`ddf_voxel_to_world`: (B, ndim, *S) mm in the world frame of ``affine`` -> voxels."""
-    ndim = ddf_mm.shape[1]
-    linear = torch.as_tensor(affine, dtype=torch.float64, device=ddf_mm.device)[:ndim, :ndim]
-    out = torch.einsum("ij,bj...->bi...", torch.linalg.inv(linear), ddf_mm.double())
-    return out.to(ddf_mm.dtype)
+    return _apply_linear(ddf_mm, affine, inverse=True)
 
 
 def identity_grid(shape: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
