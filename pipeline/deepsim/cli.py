@@ -27,6 +27,15 @@ _EPILOG = """examples:
 """
 
 
+def _add_output_options(parser: argparse.ArgumentParser, out_default: str, out_help: str) -> None:
+    """The options every training command shares: output folder, MLflow URI, device, progress bars."""
+    parser.add_argument("--out", type=Path, default=Path(out_default), help=out_help)
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
+    parser.add_argument("--device", default=None,
+                        help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepsim",
@@ -47,15 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", default="default",
                      help="'default' (embedded brains, 2 mm, CPU minutes), 'quick' (tiny test data), 'full' "
                      "(1 mm, GPU) or a path to a profile JSON")
-    run.add_argument("--out", type=Path, default=Path("deepsim_output"),
-                     help="output folder: data/, models/, report/ and the MLflow store mlflow.db")
-    run.add_argument("--tracking-uri", default=None,
-                     help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
+    _add_output_options(run, "deepsim_output", "output folder: data/, models/, report/ and the MLflow store mlflow.db")
     run.add_argument("--losses", nargs="+", default=None, metavar="LOSS",
                      help="similarity losses to train (default: the profile's list): mse ncc deepsim-ae deepsim-seg")
-    run.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
     run.add_argument("--seed", type=int, default=0, help="random seed (data synthesis, pairs, initialisation)")
-    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     rep = sub.add_parser(
         "reproduce",
         help="reproduce the paper: every loss, every dataset, several seeds, noise study, one report",
@@ -71,11 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--config", default=None, help="an experiment config name or JSON path (overrides --scale)")
     rep.add_argument("--datasets", nargs="+", default=None, metavar="NAME", help="subset of the config's datasets")
     rep.add_argument("--seeds", nargs="+", type=int, default=None, help="override the config's seeds")
-    rep.add_argument("--out", type=Path, default=Path("deepsim_reproduce"), help="output folder")
-    rep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
-    rep.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    _add_output_options(rep, "deepsim_reproduce", "output folder: one folder per dataset and seed, report/, mlflow.db")
     rep.add_argument("--no-resume", action="store_true", help="retrain seeds whose results already exist in --out")
-    rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
     swp = sub.add_parser(
         "sweep",
         help="choose the regularisation weight λ per loss on validation pairs",
@@ -93,13 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--relative", nargs="+", type=float, default=None, metavar="FACTOR",
                       help="per-loss grids: each loss's current λ (profile, else bundle default) times these factors")
     swp.add_argument("--max-folding", type=float, default=1.0, help="folding %% allowed for a chosen λ")
-    swp.add_argument("--out", type=Path, default=Path("deepsim_sweep"), help="output folder")
+    _add_output_options(swp, "deepsim_sweep", "output folder: data/, models/, sweep/ and mlflow.db")
     swp.add_argument("--update-profile", type=Path, nargs="+", default=None, metavar="JSON",
                      help="write the chosen λ into the 'lambdas' map of these profile files")
-    swp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
-    swp.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     swp.add_argument("--seed", type=int, default=0, help="random seed")
-    swp.add_argument("--no-progress", action="store_true", help="hide progress bars")
     rp = sub.add_parser(
         "report",
         help="rebuild a reproduction report from all_results.csv files (e.g. datasets run on different machines)",
@@ -164,7 +162,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     from deepsim.experiments.reproduce import load_experiment, run_reproduction
 
     experiment = load_experiment(args.config or ("paper_cpu" if args.scale == "quick" else "paper_gpu"))
-    command = "deepsim " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("deepsim", "cli.py")) else "deepsim reproduce"
+    via_cli = sys.argv[0].endswith(("deepsim", "cli.py"))
+    command = "deepsim " + " ".join(sys.argv[1:]) if via_cli else "deepsim reproduce"
     path, _ = run_reproduction(experiment, args.out, datasets=args.datasets, seeds=args.seeds, device=args.device,
                                tracking_uri=args.tracking_uri, progress=not args.no_progress,
                                resume=not args.no_resume, command=command,
