@@ -17,13 +17,15 @@ BUNDLE = bundle_dir()
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.parametrize("bundle, spatial_dims", [("brain_mri", 3), ("cells_2d", 2)])
 @pytest.mark.parametrize("stage", sorted(STAGE_FILES))
-def test_every_bundle_config_parses_with_common(stage):
+def test_every_bundle_config_parses_with_common(stage, bundle, spatial_dims):
+    configs = bundle_dir(bundle) / "configs"
     parser = ConfigParser()
-    parser.read_meta(BUNDLE / "configs" / "metadata.json")
-    parser.read_config([str(BUNDLE / "configs" / "common.json"), str(BUNDLE / "configs" / STAGE_FILES[stage])])
+    parser.read_meta(configs / "metadata.json")
+    parser.read_config([str(configs / "common.json"), str(configs / STAGE_FILES[stage])])
     parser.parse()
-    assert "run" in parser.get()
+    assert "run" in parser.get() and parser.get_parsed_content("spatial_dims") == spatial_dims
 
 
 def test_installed_bundle_is_the_repository_bundle():

@@ -27,7 +27,6 @@ from deepsim.data.pairs import PairDataset, make_toy_dataset
 from deepsim.data.sources import prepare_dataset
 from deepsim.errors import DatasetError
 from deepsim.workflow import STAGE_FILES, bundle_dir, run_stage
-from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
 GAPS = (1, 2, 3)
@@ -269,13 +268,7 @@ def test_without_listed_pairs_the_cross_subject_rule_and_sampling_are_unchanged(
 BUNDLE = bundle_dir("cells_2d")
 
 
-@pytest.mark.parametrize("stage", sorted(STAGE_FILES))
-def test_every_cells_bundle_config_parses_with_common(stage):
-    parser = ConfigParser()
-    parser.read_meta(BUNDLE / "configs" / "metadata.json")
-    parser.read_config([str(BUNDLE / "configs" / "common.json"), str(BUNDLE / "configs" / STAGE_FILES[stage])])
-    parser.parse()
-    assert "run" in parser.get() and parser.get_parsed_content("spatial_dims") == 2
+# every cells bundle config is parsed in tests/test_bundle_and_pipeline.py, beside the brain bundle's
 
 
 def test_cells_bundle_uses_the_brain_bundles_components_and_stage_files():
