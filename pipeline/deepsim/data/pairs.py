@@ -41,7 +41,8 @@ class SubjectImages(Dataset):
     """Items ``{"image": (1, *S) float32, "label": (1, *S) int64, "id", "subject"}`` of one split (S 3D or 2D)."""
 
     def __init__(self, datalist_path: Path | str, split: str = "training") -> None:
-        datalist = load_datalist(Path(datalist_path))
+        #: the loaded datalist (paths resolved), kept for readers of its other keys (e.g. PairDataset's "pairs")
+        self.datalist = datalist = load_datalist(Path(datalist_path))
         if split not in ("training", "validation", "test"):
             raise DatasetError(f"split must be 'training', 'validation' or 'test', got {split!r}")
         self.items = datalist[split]
@@ -89,8 +90,7 @@ class PairDataset(Dataset):
         if num_pairs is not None and num_pairs < 1:
             raise DatasetError(f"num_pairs must be ≥ 1 or None, got {num_pairs}")
         #: the datalist's explicit (fixed, moving) index pairs of this split, or None
-        self.listed_pairs = _listed_pairs(load_datalist(Path(datalist_path)), split, self.subjects.items,
-                                          datalist_path)
+        self.listed_pairs = _listed_pairs(self.subjects.datalist, split, self.subjects.items, datalist_path)
         if self.listed_pairs is not None:
             self.pairs = self.listed_pairs if num_pairs is None else None
             return
