@@ -21,8 +21,10 @@ from monai.losses import DiceLoss, LocalNormalizedCrossCorrelationLoss
 from torch import nn
 from torch.nn import functional as F
 
+from deepsim.engine.tasks import LabelIndexer
 from deepsim.registration.mind import MINDSSCLoss
 from deepsim.registration.mutual_information import NMILoss
+from deepsim.spatial import warp_onehot
 
 __all__ = [
     "SIMILARITY_NAMES",
@@ -183,10 +185,6 @@ class NCCSupLoss(nn.Module):
         label_weight: float = 1.0,
         label_downsample: int = 2,
     ):
-        # Imported here, not at the top: deepsim.spatial builds MONAI Warp blocks on import, which log a line, and
-        # the CLI imports this module for SIMILARITY_NAMES alone (its one-line error messages would get two lines).
-        from deepsim.engine.tasks import LabelIndexer
-
         super().__init__()
         if label_term not in ("dice", "mse"):
             raise ValueError(f"label_term must be 'dice' or 'mse', got {label_term!r}")
@@ -225,8 +223,6 @@ class NCCSupLoss(nn.Module):
 
     def label_loss(self, moving_label: torch.Tensor, fixed_label: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
         """The label term alone: L(warp(onehot(moving_label), ddf), onehot(fixed_label))."""
-        from deepsim.spatial import warp_onehot
-
         f = self.label_downsample
         moving, target = self._onehot(moving_label, f), self._onehot(fixed_label, f)
         if f > 1:
