@@ -100,8 +100,9 @@ def test_cli_reports_bad_profile_in_one_line(tmp_path):
 
 
 def test_cli_reports_unknown_loss_in_one_line(tmp_path, capsys):
-    assert main(["run", "--profile", "quick", "--losses", "vgg", "--out", str(tmp_path)]) == 2
+    assert main(["run", "--profile", "quick", "--losses", "vgg", "--out", str(tmp_path / "out")]) == 2
     assert "unknown losses ['vgg']" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def _write_profile(tmp_path, dataset):

@@ -187,8 +187,8 @@ def run_pipeline(
     MLflow tracking URI the runs went to.
     """
     output_dir = Path(output_dir).resolve()
+    losses = check_losses(losses or profile.losses)  # before anything is written
     output_dir.mkdir(parents=True, exist_ok=True)
-    losses = check_losses(losses or profile.losses)
     if nested:
         import mlflow
 
