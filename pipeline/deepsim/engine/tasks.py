@@ -9,7 +9,7 @@ The trainer (:mod:`deepsim.engine.trainer`) is the same for every stage; only th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -29,15 +29,20 @@ class RegistrationTask:
     """loss of ``objective(warp(moving, net(moving, fixed)), fixed, ddf)``.
 
     If the objective ``needs_labels`` (NCC+sup), the batch's ``moving_label`` and ``fixed_label`` (B, 1, *S) are
-    passed on as well.
+    passed on as well. ``input_transform`` (e.g. :class:`deepsim.data.intensity.ContrastRandomization`) changes
+    only what the network sees, each image drawn independently; the loss compares the clean images.
     """
 
-    def __init__(self, objective: nn.Module):
+    def __init__(self, objective: nn.Module, input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.objective = objective
+        self.input_transform = input_transform
 
     def __call__(self, network: nn.Module, batch: Mapping, device) -> dict[str, torch.Tensor]:
         fixed, moving = _to(batch, "fixed", device).float(), _to(batch, "moving", device).float()
-        ddf = network(moving, fixed)
+        if self.input_transform is not None:
+            ddf = network(self.input_transform(moving), self.input_transform(fixed))
+        else:
+            ddf = network(moving, fixed)
         warped = warp_image(moving, ddf)
         if getattr(self.objective, "needs_labels", False):
             return self.objective(warped, fixed, ddf, moving_label=_to(batch, "moving_label", device),
@@ -77,11 +82,15 @@ class SegmentationTask:
     subsampled by nearest neighbour to the logits' grid.
     """
 
-    def __init__(self, label_values: Sequence[int]):
+    def __init__(self, label_values: Sequence[int],
+                 input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.indexer = LabelIndexer(label_values)
+        self.input_transform = input_transform
 
     def __call__(self, network: nn.Module, batch: Mapping, device) -> dict[str, torch.Tensor]:
         image = _to(batch, "image", device).float()
+        if self.input_transform is not None:
+            image = self.input_transform(image)
         target = self.indexer.to_index(_to(batch, "label", device))
         logits = network(image)
         if logits.shape[2:] != target.shape[2:]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import TimeLimit
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from torch import nn
@@ -170,8 +171,13 @@ def build_trainer(
     device: torch.device | str = "cpu",
     accumulation_steps: int = 1,
     handlers: Sequence = (),
+    time_limit_s: float | None = None,
 ) -> SupervisedTrainer:
-    """A ``SupervisedTrainer`` whose iteration runs ``task`` with Adam; handlers with ``.attach`` are attached."""
+    """A ``SupervisedTrainer`` whose iteration runs ``task`` with Adam; handlers with ``.attach`` are attached.
+
+    ``time_limit_s``: stop after this many seconds of wall time (checked after every iteration, ignite's
+    ``TimeLimit``); the run then ends normally, so handlers on COMPLETED still save the network.
+    """
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
     device = torch.device(device)
@@ -190,4 +196,8 @@ def build_trainer(
     )
     for handler in handlers:
         handler.attach(trainer)
+    if time_limit_s is not None:
+        if time_limit_s <= 0:
+            raise ValueError(f"time_limit_s must be positive, got {time_limit_s}")
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(max(1, int(time_limit_s))))
     return trainer
