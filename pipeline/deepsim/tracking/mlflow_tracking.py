@@ -38,6 +38,10 @@ def setup_tracking(tracking_uri: str, experiment: str) -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
+        if tracking_uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
+            # artifacts beside the database (MLflow's default is ./mlruns under the current directory)
+            store = Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+            mlflow.create_experiment(experiment, artifact_location=store.as_uri())
         mlflow.set_experiment(experiment)
     except Exception as exc:
         raise ConfigError(f"MLflow tracking URI {tracking_uri}: not reachable ({type(exc).__name__}: "
