@@ -73,12 +73,16 @@ def estimate_affine(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.1, seed)
+    # SimpleITK reads seed 0 as "seed from the wall clock" (sitkWallClock): offset by one, so every seed repeats
+    method.SetMetricSamplingPercentage(0.1, int(seed) + 1)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
                                                     gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([int(f) for f in shrink_factors])
+    # a level must keep enough voxels to sample: drop shrink factors that leave fewer than 16 along an axis
+    smallest = min(fixed.GetSize() + moving.GetSize())
+    shrink_factors = [int(f) for f in shrink_factors if smallest // int(f) >= 16] or [1]
+    method.SetShrinkFactorsPerLevel(shrink_factors)
     method.SetSmoothingSigmasPerLevel([f / 2.0 for f in shrink_factors])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(initial, inPlace=False)
