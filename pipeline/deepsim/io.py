@@ -11,7 +11,8 @@ import numpy as np
 
 from deepsim.errors import DatasetError
 
-__all__ = ["atomic_write", "load_displacement", "load_volume", "save_displacement", "save_volume"]
+__all__ = ["atomic_write", "load_displacement", "load_volume", "read_image", "save_displacement", "save_like",
+           "save_volume"]
 
 
 def atomic_write(path: str | Path, write) -> Path:
@@ -40,6 +41,27 @@ def _read_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
         raise DatasetError(f"{path}: not a readable NIfTI image ({type(exc).__name__})") from exc
 
 
+def read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """Read any NIfTI image -> (array, 4x4 voxel->RAS affine, header); trailing length-1 axes are dropped.
+
+    Only trailing axes are squeezed (a 2D slice stored as (X, Y, 1) becomes (X, Y)), so the affine's columns
+    still match the array's axes. DatasetError names the file when it is missing, unreadable, empty or has
+    NaN/infinite voxels.
+    """
+    path = Path(path)
+    img, data = _read_nifti(path)
+    while data.ndim > 2 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.size == 0:
+        raise DatasetError(f"{path}: the image has no voxels (shape {data.shape})")
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise DatasetError(f"{path}: contains NaN or infinite voxels")
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+        raise DatasetError(f"{path}: voxel type {data.dtype} is not numeric")
+    header = img.header if isinstance(img.header, nib.Nifti1Header) else nib.Nifti1Header()
+    return data, img.affine, header
+
+
 def load_volume(path: str | Path, ndim: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI volume -> (array (*S), 4x4 voxel->RAS affine). DatasetError names the file and the problem."""
     path = Path(path)
@@ -63,6 +85,20 @@ def save_volume(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
+    return _save_nifti(path, img)
+
+
+def save_like(path: str | Path, array: np.ndarray, header: nib.Nifti1Header | None, affine: np.ndarray) -> Path:
+    """Write ``array`` on a grid with ``affine`` keeping ``header``'s fields (units, descriptions, codes).
+
+    The data type and scaling follow ``array`` (the reference's ``scl_slope`` would rescale our values).
+    """
+    hdr = header.copy() if header is not None else None
+    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64), header=hdr)
+    img.set_data_dtype(np.asarray(array).dtype)
+    img.header.set_slope_inter(None, None)
+    img.set_qform(img.affine, code=int(hdr["qform_code"]) or 1 if hdr is not None else 1)
+    img.set_sform(img.affine, code=int(hdr["sform_code"]) or 1 if hdr is not None else 1)
     return _save_nifti(path, img)
 
 

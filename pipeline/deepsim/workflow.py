@@ -148,6 +148,15 @@ def registration_overrides(profile: Profile, common: Mapping[str, Any], loss: st
     return overrides
 
 
+def registration_artifacts(models_dir: Path, loss: str) -> list[tuple[Path, str]]:
+    """What a registration run logs under ``checkpoint/``: the network and, for a DeepSim loss, its feature net,
+    so ``deepsim register --model runs:/<id>`` finds both (instance optimisation needs the loss)."""
+    artifacts = [(models_dir / f"registration_{loss}.pt", "checkpoint")]
+    if FEATURE_NET_OF.get(loss):
+        artifacts.append((models_dir / f"feature_{FEATURE_NET_OF[loss]}.pt", "checkpoint"))
+    return artifacts
+
+
 def check_losses(losses: Sequence[str]) -> list[str]:
     bad = [loss for loss in losses if loss not in SIMILARITY_NAMES]
     if bad:
@@ -212,8 +221,7 @@ def run_pipeline(
             run_ids[loss], _ = tracked_stage(f"registration-{loss}", "registration",
                                              registration_overrides(profile, common, loss),
                                              {**tags, "similarity": loss},
-                                             [(output_dir / "models" / f"registration_{loss}.pt", "checkpoint")],
-                                             bundle=bundle)
+                                             registration_artifacts(output_dir / "models", loss), bundle=bundle)
         _print("[deepsim] 4/4 evaluation on the held-out test pairs")
         eval_id, parser = tracked_stage("evaluation", "evaluate", {**common, "methods": ["identity", *losses]},
                                         tags, [(output_dir / "report", "report")], bundle=bundle)

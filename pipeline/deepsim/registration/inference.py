@@ -1,77 +1,333 @@
-"""Register two preprocessed volumes with a trained network and write the results as NIfTI files.
+"""Register a user's own images with a trained model (``deepsim register``) and apply saved fields (``deepsim warp``).
 
-Inputs must already live on the model's grid (as written by the preprocessing stage: same shape, RAS, training
-spacing). Outputs: ``warped.nii.gz`` (moving resampled onto the fixed grid, fixed affine), ``ddf_mm.nii.gz``
-(displacement in world millimetres, LPS components as ITK/ANTs read them), and ``warped_label.nii.gz`` when a moving label map is given.
+Any input geometry is accepted: both images are resampled (linearly, in world space) onto a working grid in the
+model's orientation (RAS) and spacing that covers the fixed image, padded to a size the network accepts; the
+network's field is mapped back to the fixed image's own grid in millimetres. Outputs, all on the fixed grid with
+the fixed image's affine (and header, for the warped image):
+
+- ``warped.nii.gz``: the moving image resampled through the transform (its own intensities, linear, 0 outside);
+- ``ddf_mm.nii.gz``: the whole transform (affine pre-alignment included) as a displacement field in mm with LPS
+  components, as ITK's ``DisplacementFieldTransform`` and ANTs read it (point x of the fixed image maps to
+  x + d(x) in the moving image);
+- ``warped_label.nii.gz`` (with ``moving_label``): nearest neighbour, label values kept;
+- ``jacobian_det.nii.gz``: determinant of the Jacobian of the transform;
+- ``affine.tfm`` (with ``affine=True``): the pre-alignment alone, an ITK transform file;
+- ``registration.json``: inputs, model, timings, and, with both label maps, Dice before/after, folding, std log|J|.
+
+Files are written to a temporary folder first and moved into place at the end: a failure leaves no output.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
-from deepsim.engine.checkpoints import load_network
-from deepsim.errors import DatasetError
-from deepsim.io import load_displacement, load_volume, save_displacement, save_volume
-from deepsim.spatial import ddf_voxel_to_world, ddf_world_to_voxel, warp_image, warp_labels
+from deepsim.errors import ConfigError, DatasetError
+from deepsim.evaluation.dice import dice_per_label, mean_dice
+from deepsim.evaluation.jacobian import folding_percent, jacobian_determinant, std_log_jacobian
+from deepsim.io import load_displacement, read_image, save_displacement, save_like, save_volume
+from deepsim.registration.geometry import (Grid, apply_affine, clamp_to_grid, grid_points, linear_part, sample_at,
+                                          working_grid)
+from deepsim.registration.model import RegistrationModel, resolve_model
+from deepsim.spatial import ddf_voxel_to_world, ddf_world_to_voxel
 
-__all__ = ["register_files", "apply_field"]
+__all__ = ["register_files", "apply_field", "NativeImage", "load_native", "normalise_intensity"]
+
+
+@dataclass
+class NativeImage:
+    """An input image as read from disk: array (*S), voxel -> RAS affine, NIfTI header, and its path."""
+
+    path: Path
+    array: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(tuple(int(n) for n in self.array.shape), self.affine)
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+
+def load_native(path: str | Path, role: str) -> NativeImage:
+    """Read a 2D or 3D NIfTI image; DatasetError names the file and the problem (``role``: for messages)."""
+    array, affine, header = read_image(path)
+    if array.ndim not in (2, 3):
+        raise DatasetError(f"{path}: {role} has {array.ndim} dimensions {array.shape}; expected a 2D or 3D image")
+    if min(array.shape) < 2:
+        raise DatasetError(f"{path}: {role} has shape {array.shape}; every axis needs at least 2 voxels")
+    if abs(np.linalg.det(linear_part(affine, array.ndim))) < 1e-9:
+        raise DatasetError(f"{path}: {role}'s voxel axes do not span the world's first {array.ndim} axes (e.g. a "
+                           "coronal 2D slice); 2D images must lie in the x-y plane of their affine")
+    return NativeImage(Path(path), array, affine, header)
+
+
+def normalise_intensity(image: NativeImage) -> np.ndarray:
+    """Intensities mapped to [0, 1] as in training: percentiles 0.5 and 99.5, clipped (MONAI's transform)."""
+    from monai.transforms import ScaleIntensityRangePercentiles
+
+    array = np.asarray(image.array, dtype=np.float32)
+    lo, hi = np.percentile(array, [0.5, 99.5])
+    if not hi > lo:
+        raise DatasetError(f"{image.path}: the image is constant (or nearly: 99 % of voxels equal {lo:g}); "
+                           "nothing to register")
+    scale = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
+    return np.asarray(scale(array[None]))[0]
+
+
+def _check_label(label: NativeImage, image: NativeImage) -> np.ndarray:
+    """The label map as int64, after checking it lies on its image's grid and holds integers."""
+    if label.array.shape != image.array.shape or not np.allclose(label.affine, image.affine, atol=1e-3):
+        raise DatasetError(f"{label.path}: label map grid {label.array.shape} does not match its image "
+                           f"{image.path} {image.array.shape} (shape and affine must agree)")
+    values = label.array
+    if np.issubdtype(values.dtype, np.floating) and not np.array_equal(values, np.round(values)):
+        raise DatasetError(f"{label.path}: label map has non-integer values")
+    return values.astype(np.int64)
+
+
+def _check_pair(fixed: NativeImage, moving: NativeImage, model: RegistrationModel) -> None:
+    if fixed.ndim != moving.ndim:
+        raise DatasetError(f"{moving.path}: moving image is {moving.ndim}D but the fixed image {fixed.path} is "
+                           f"{fixed.ndim}D")
+    if fixed.ndim != model.spatial_dims:
+        raise DatasetError(f"{fixed.path}: a {fixed.ndim}D image, but the model {model.checkpoint} registers "
+                           f"{model.spatial_dims}D images")
+
+
+def _estimate_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
+                     fixed_path: Path, moving_path: Path):
+    """(4x4 RAS world -> world matrix mapping fixed points into the moving image, the SimpleITK transform)."""
+    from deepsim.data.alignment import estimate_affine, to_sitk
+
+    if fixed.ndim != 3:
+        raise ConfigError("--affine supports 3D images only")
+    try:
+        transform = estimate_affine(to_sitk(fixed, fixed_affine), to_sitk(moving, moving_affine))
+    except RuntimeError as exc:  # SimpleITK reports every failure as RuntimeError with a multi-line ITK message
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if "ITK ERROR" in line), lines[-1] if lines else "RuntimeError")
+        raise DatasetError(f"{fixed_path}: affine pre-alignment with {moving_path} failed in SimpleITK "
+                           f"({detail[:160]})") from exc
+    # ITK maps LPS points: y = A (x - c) + c + t. Sample it on the unit points to read the matrix, then go to RAS.
+    lps = np.eye(4)
+    origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
+    for axis in range(3):
+        unit = [0.0, 0.0, 0.0]
+        unit[axis] = 1.0
+        lps[:3, axis] = np.asarray(transform.TransformPoint(tuple(unit))) - origin
+    lps[:3, 3] = origin
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ lps @ flip, transform
+
+
+def _instance_objective(model: RegistrationModel, device: torch.device):
+    from deepsim.registration.objective import build_objective
+
+    if model.similarity is None or model.regularization_weight is None:
+        raise ConfigError(f"{model.checkpoint}: the checkpoint does not record its loss; --iterations needs it")
+    try:
+        return build_objective(model.similarity, model.regularization_weight, spatial_dims=model.spatial_dims,
+                               models_dir=model.models_dir, device=device)
+    except ValueError as exc:
+        raise ConfigError(f"{model.checkpoint}: cannot build its loss {model.similarity!r} for --iterations "
+                          f"({exc})") from exc
+
+
+@torch.no_grad()
+def _predict(model: RegistrationModel, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    return model.network(moving, fixed).float()
+
+
+def _dice(fixed_label: np.ndarray, warped: np.ndarray) -> float:
+    return mean_dice(dice_per_label(fixed_label, warped))
+
+
+def register_files(
+    fixed: str | Path,
+    moving: str | Path,
+    out_dir: str | Path,
+    model: str | Path | RegistrationModel | None = None,
+    fixed_label: str | Path | None = None,
+    moving_label: str | Path | None = None,
+    affine: bool = False,
+    iterations: int = 0,
+    learning_rate: float = 0.1,
+    device: torch.device | str = "cpu",
+    similarity: str | None = None,
+    tracking_uri: str | None = None,
+    spacing_mm: float | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Register ``moving`` to ``fixed`` and write the outputs listed in the module docstring into ``out_dir``.
+
+    Returns the written paths by name (``warped``, ``ddf_mm``, ``jacobian_det``, ``report`` and, when given or
+    used, ``warped_label``, ``affine``). ``model``: see :func:`deepsim.registration.model.resolve_model`;
+    ``spacing_mm`` overrides the training spacing a checkpoint records (or supplies it for one that does not).
+    """
+    started = time.perf_counter()
+    device = torch.device(device)
+    if iterations < 0:
+        raise ConfigError(f"--iterations must be >= 0, got {iterations}")
+    fixed_img, moving_img = load_native(fixed, "fixed image"), load_native(moving, "moving image")
+    if fixed_img.ndim != moving_img.ndim:
+        raise DatasetError(f"{moving_img.path}: moving image is {moving_img.ndim}D but the fixed image "
+                           f"{fixed_img.path} is {fixed_img.ndim}D")
+    fixed_lab = _check_label(load_native(fixed_label, "fixed label map"), fixed_img) if fixed_label else None
+    moving_lab = _check_label(load_native(moving_label, "moving label map"), moving_img) if moving_label else None
+    fixed_norm, moving_norm = normalise_intensity(fixed_img), normalise_intensity(moving_img)
+    net = model if isinstance(model, RegistrationModel) else resolve_model(model, device, similarity, tracking_uri,
+                                                                           spacing_mm)
+    _check_pair(fixed_img, moving_img, net)
+    objective = _instance_objective(net, device) if iterations else None
+    ndim = fixed_img.ndim
+    timings: dict[str, float] = {}
+
+    # 1. optional affine pre-alignment: T maps fixed world points into the moving image
+    t0 = time.perf_counter()
+    to_moving = np.eye(4)
+    sitk_transform = None
+    if affine:
+        to_moving, sitk_transform = _estimate_affine(fixed_norm, fixed_img.affine, moving_norm, moving_img.affine,
+                                                     fixed_img.path, moving_img.path)
+    timings["affine_s"] = time.perf_counter() - t0
+
+    # 2. both images on the working grid (model spacing, RAS, size the network accepts)
+    t0 = time.perf_counter()
+    grid = working_grid(fixed_img.grid, net.spacing_mm, net.size_multiple)
+    # padding beyond the fixed field of view repeats its border (in both images, through the same points): zeros
+    # there would meet moving content and bias the field near the border
+    points = clamp_to_grid(grid_points(grid, device), fixed_img.grid)
+    as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
+    f_work = sample_at(as_tensor(fixed_norm), fixed_img.affine, points)[None, None]
+    m_work = sample_at(as_tensor(moving_norm), moving_img.affine, apply_affine(to_moving, points))[None, None]
+    timings["resample_s"] = time.perf_counter() - t0
+
+    # 3. the network's field, optionally refined on this pair
+    t0 = time.perf_counter()
+    ddf = _predict(net, m_work, f_work)
+    timings["network_s"] = time.perf_counter() - t0
+    losses: list[float] = []
+    if iterations:
+        from deepsim.registration.instance import refine_field
+
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            ddf, losses = refine_field(objective, m_work, f_work, ddf, iterations, learning_rate, progress)
+        timings["instance_optimisation_s"] = time.perf_counter() - t0
+
+    # 4. the whole transform on the fixed image's own grid: x -> T(x + u(x)), u interpolated from the working grid
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        u_mm = ddf_voxel_to_world(ddf.double(), torch.as_tensor(grid.affine))[0]
+        x = grid_points(fixed_img.grid, device)
+        u_at_x = sample_at(u_mm.float(), grid.affine, x).double()
+        target = apply_affine(to_moving, x + u_at_x)
+        ddf_fixed_mm = (target - x).float()
+        warped = sample_at(as_tensor(moving_img.array.astype(np.float32)), moving_img.affine, target)
+        ddf_fixed_vox = ddf_world_to_voxel(ddf_fixed_mm[None].double(), torch.as_tensor(fixed_img.affine))
+        det = jacobian_determinant(ddf_fixed_vox)[0].float()
+        warped_lab = None
+        if moving_lab is not None:
+            warped_lab = sample_at(as_tensor(moving_lab), moving_img.affine, target, mode="nearest").cpu().numpy()
+    timings["compose_s"] = time.perf_counter() - t0
+
+    report: dict = {
+        "fixed": str(fixed_img.path), "moving": str(moving_img.path),
+        "fixed_label": str(fixed_label) if fixed_label else None,
+        "moving_label": str(moving_label) if moving_label else None,
+        "model": str(net.checkpoint), "similarity": net.similarity, "regularization_weight": net.regularization_weight,
+        "model_spacing_mm": net.spacing_mm, "working_grid": list(grid.shape), "device": str(device),
+        "affine_prealignment": bool(affine), "affine_ras": to_moving.tolist() if affine else None,
+        "iterations": iterations, "instance_losses": [losses[0], losses[-1]] if losses else None,
+    }
+    mask = torch.as_tensor(fixed_lab > 0) if fixed_lab is not None else None
+    if mask is not None and not bool(mask.any()):
+        mask = None
+    report["folding_pct"] = folding_percent(det.cpu(), mask)
+    report["std_log_jacobian"] = std_log_jacobian(det.cpu(), mask)
+    report["jacobian_mask"] = "fixed label > 0" if mask is not None else "all voxels"
+    if fixed_lab is not None and moving_lab is not None:
+        with torch.no_grad():
+            before = sample_at(as_tensor(moving_lab), moving_img.affine, x, mode="nearest").cpu().numpy()
+            report["dice_before"] = _dice(fixed_lab, before)
+            if affine:
+                after_affine = sample_at(as_tensor(moving_lab), moving_img.affine, apply_affine(to_moving, x),
+                                         mode="nearest").cpu().numpy()
+                report["dice_after_affine"] = _dice(fixed_lab, after_affine)
+            report["dice_after"] = _dice(fixed_lab, warped_lab)
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        written = {
+            "warped": save_like(staging / "warped.nii.gz", warped.cpu().numpy().astype(np.float32), fixed_img.header,
+                                fixed_img.affine),
+            "ddf_mm": save_displacement(staging / "ddf_mm.nii.gz", ddf_fixed_mm.cpu().numpy(), fixed_img.affine),
+            "jacobian_det": save_volume(staging / "jacobian_det.nii.gz", det.cpu().numpy(), fixed_img.affine),
+        }
+        if warped_lab is not None:
+            written["warped_label"] = save_volume(staging / "warped_label.nii.gz", _label_dtype(warped_lab),
+                                                  fixed_img.affine)
+        if sitk_transform is not None:
+            import SimpleITK as sitk
+
+            sitk.WriteTransform(sitk_transform, str(staging / "affine.tfm"))
+            written["affine"] = staging / "affine.tfm"
+        timings["total_s"] = time.perf_counter() - started
+        report["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        report["outputs"] = {name: path.name for name, path in written.items()}
+        (staging / "registration.json").write_text(json.dumps(report, indent=2) + "\n")
+        written["report"] = staging / "registration.json"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        final = {}
+        for name, path in written.items():
+            final[name] = out_dir / path.name
+            path.replace(final[name])
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _label_dtype(labels: np.ndarray) -> np.ndarray:
+    """The smallest of int16/int32 that holds the label values (what the preprocessing stage writes)."""
+    if labels.size and (labels.min() < np.iinfo(np.int16).min or labels.max() > np.iinfo(np.int16).max):
+        return labels.astype(np.int32)
+    return labels.astype(np.int16)
 
 
 @torch.no_grad()
 def apply_field(field: str | Path, image: str | Path, out: str | Path, label: bool = False) -> Path:
-    """Warp ``image`` with a saved displacement field (``deepsim warp``) and write it on the field's grid.
+    """Warp ``image`` with a saved displacement field (``deepsim warp``); write it on the field's grid.
 
-    ``image`` must lie on the field's grid (same shape and affine, to 1e-4 mm), as the moving image does after
-    registration here. Images are resampled linearly; with ``label=True`` by nearest neighbour, label values kept.
+    The field maps each point x of its grid to x + d(x) in the moving image's world space, so ``image`` may lie on
+    any grid (the moving image's own, typically): it is read at those world points, as ITK's ``Resample`` does.
+    Images are resampled linearly (0 outside), with ``label=True`` by nearest neighbour, label values kept.
     """
     ddf_mm, affine = load_displacement(field)
     ndim = ddf_mm.shape[0]
-    array, image_affine = load_volume(image, ndim)
-    if array.shape != ddf_mm.shape[1:] or not np.allclose(image_affine, affine, atol=1e-4):
-        raise DatasetError(f"{image}: grid {array.shape} with affine {np.round(image_affine, 3).tolist()} is not the "
-                           f"field's grid {ddf_mm.shape[1:]} {np.round(affine, 3).tolist()}")
-    ddf = ddf_world_to_voxel(torch.as_tensor(ddf_mm)[None], torch.as_tensor(affine))
+    img = load_native(image, "image")
+    if img.ndim != ndim:
+        raise DatasetError(f"{image}: a {img.ndim}D image, but the field {field} is {ndim}D")
+    field_grid = Grid(tuple(int(n) for n in ddf_mm.shape[1:]), affine)
+    target = grid_points(field_grid) + torch.as_tensor(ddf_mm, dtype=torch.float64)
     if label:
-        if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
+        values = img.array
+        if np.issubdtype(values.dtype, np.floating) and not np.array_equal(values, np.round(values)):
             raise DatasetError(f"{image}: --label given but the image has non-integer values")
-        warped = warp_labels(torch.as_tensor(array.astype(np.int64))[None, None], ddf)[0, 0].numpy().astype(np.int32)
-    else:
-        warped = warp_image(torch.as_tensor(np.asarray(array, dtype=np.float32))[None, None], ddf)[0, 0].numpy()
-    return save_volume(out, warped, affine)
-
-
-@torch.no_grad()
-def register_files(checkpoint: str | Path, fixed: str | Path, moving: str | Path, out_dir: str | Path,
-                   moving_label: str | Path | None = None, spacing_mm: float | None = None,
-                   device: torch.device | str = "cpu") -> dict[str, Path]:
-    """Register ``moving`` to ``fixed``; return the written paths by name."""
-    network = load_network(checkpoint, map_location=device).to(device).eval()
-    ndim = int(getattr(network, "spatial_dims", 3))  # 2D networks register 2D images
-    fixed_arr, fixed_affine = load_volume(fixed, ndim)
-    moving_arr, _ = load_volume(moving, ndim)
-    if fixed_arr.shape != moving_arr.shape:
-        raise DatasetError(f"{moving}: shape {moving_arr.shape} differs from fixed {fixed_arr.shape}; "
-                           "register files written by the preprocessing stage")
-    if spacing_mm is not None:
-        spacing = np.sqrt((fixed_affine[:ndim, :ndim] ** 2).sum(axis=0))
-        if not np.allclose(spacing, spacing_mm, atol=1e-3):
-            raise DatasetError(f"{fixed}: voxel spacing {spacing.round(3).tolist()} mm, the model expects {spacing_mm} mm")
-    to_tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))[None, None].to(device)  # noqa: E731
-    f, m = to_tensor(fixed_arr), to_tensor(moving_arr)
-    try:
-        ddf = network(m, f)
-    except ValueError as exc:
-        raise DatasetError(f"{fixed}: {exc}") from exc
-    out_dir = Path(out_dir)
-    written = {"warped": save_volume(out_dir / "warped.nii.gz", warp_image(m, ddf)[0, 0].cpu().numpy(), fixed_affine)}
-    ddf_mm = ddf_voxel_to_world(ddf.cpu(), torch.as_tensor(fixed_affine))[0].numpy()
-    written["ddf_mm"] = save_displacement(out_dir / "ddf_mm.nii.gz", ddf_mm, fixed_affine)
-    if moving_label:
-        labels, _ = load_volume(moving_label, ndim)
-        lab = torch.as_tensor(labels.astype(np.int64))[None, None].to(device)
-        written["warped_label"] = save_volume(out_dir / "warped_label.nii.gz",
-                                              warp_labels(lab, ddf)[0, 0].cpu().numpy().astype(np.int32), fixed_affine)
-    return written
+        warped = sample_at(torch.as_tensor(values.astype(np.int64)), img.affine, target, mode="nearest").numpy()
+        return save_volume(out, _label_dtype(warped), affine)
+    warped = sample_at(torch.as_tensor(np.asarray(img.array, dtype=np.float32)), img.affine, target).numpy()
+    return save_volume(out, warped.astype(np.float32), affine)

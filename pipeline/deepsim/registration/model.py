@@ -1,0 +1,135 @@
+"""Find and load a trained registration model: a checkpoint, a folder (output or bundle), an MLflow run, or the default.
+
+A model is a registration checkpoint (``registration_<loss>.pt``, see :mod:`deepsim.engine.checkpoints`) plus what
+inference needs to know about its training: the voxel spacing (mm, RAS-oriented grid), its loss and λ (for
+test-time instance optimisation), and the folder holding the feature net a DeepSim loss needs
+(``feature_<kind>.pt`` beside the checkpoint).
+
+``MODEL`` may be:
+
+- omitted: the pretrained brain model shipped in the package (``bundles/brain_mri/models/pretrained/``);
+- a ``.pt`` file;
+- a folder with one ``registration_*.pt`` in it or in its ``models/`` subfolder (a ``deepsim run`` output folder,
+  a bundle folder); with several, ``similarity`` picks one;
+- an MLflow run: ``runs:/<run_id>`` or a bare 32-hex run id, whose ``checkpoint/`` artifacts are downloaded from
+  the tracking server (``tracking_uri`` or ``MLFLOW_TRACKING_URI``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deepsim.engine.checkpoints import load_checkpoint, load_network
+from deepsim.errors import CheckpointError, ConfigError
+
+__all__ = ["RegistrationModel", "resolve_model", "default_model_dir"]
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class RegistrationModel:
+    """A loaded registration network and the facts of its training that inference needs."""
+
+    network: torch.nn.Module
+    checkpoint: Path
+    spacing_mm: float
+    similarity: str | None = None
+    regularization_weight: float | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(getattr(self.network, "spatial_dims", 3))
+
+    @property
+    def size_multiple(self) -> int:
+        return int(getattr(self.network, "size_multiple", 1))
+
+    @property
+    def models_dir(self) -> Path:
+        """Where a DeepSim loss finds its feature net (``feature_<kind>.pt``): beside the checkpoint."""
+        return self.checkpoint.parent
+
+
+def default_model_dir() -> Path:
+    """Folder of the pretrained brain model shipped in the package."""
+    from deepsim.workflow import bundle_dir
+
+    return bundle_dir("brain_mri") / "models" / "pretrained"
+
+
+def _from_folder(folder: Path, similarity: str | None) -> Path:
+    for candidate in (folder, folder / "models"):
+        found = sorted(candidate.glob("registration_*.pt"))
+        if not found:
+            continue
+        if similarity is not None:
+            chosen = candidate / f"registration_{similarity}.pt"
+            if not chosen.is_file():
+                raise CheckpointError(f"{candidate}: no registration_{similarity}.pt; found {[p.name for p in found]}")
+            return chosen
+        if len(found) > 1:
+            raise ConfigError(f"{candidate} holds {len(found)} registration models "
+                              f"({', '.join(p.name for p in found)}); choose one with --similarity")
+        return found[0]
+    raise CheckpointError(f"{folder}: no registration_*.pt in it or in its models/ folder")
+
+
+def _from_mlflow(spec: str, tracking_uri: str | None, similarity: str | None) -> Path:
+    import mlflow
+
+    run_id = spec[len("runs:/"):].strip("/").split("/")[0] if spec.startswith("runs:/") else spec
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    target = Path(tempfile.mkdtemp(prefix="deepsim-model-"))
+    try:
+        folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(target))
+    except Exception as exc:  # MlflowException for unknown runs, OSError for unreachable servers, ...
+        raise CheckpointError(f"MLflow run {run_id} (tracking URI {mlflow.get_tracking_uri()}): cannot download its "
+                              f"checkpoint artifacts ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+    return _from_folder(Path(folder), similarity)
+
+
+def _spacing(path: Path, meta: dict, spacing_mm: float | None) -> float:
+    if spacing_mm is not None:
+        return float(spacing_mm)
+    if "spacing_mm" in meta:
+        return float(meta["spacing_mm"])
+    datalist = Path(str(meta.get("datalist", "")))
+    if datalist.is_file():  # checkpoints from before the spacing was stored: the training datalist records it
+        return float(json.loads(datalist.read_text())["spacing_mm"])
+    raise CheckpointError(f"{path}: the checkpoint does not record its training spacing; pass --spacing")
+
+
+def resolve_model(spec: str | Path | None = None, device: torch.device | str = "cpu", similarity: str | None = None,
+                  tracking_uri: str | None = None, spacing_mm: float | None = None) -> RegistrationModel:
+    """Load the registration model ``spec`` names (see the module docstring) onto ``device``, in eval mode."""
+    if spec is None or str(spec) == "":
+        path = _from_folder(default_model_dir(), similarity)
+    else:
+        text = str(spec)
+        candidate = Path(text).expanduser()
+        if candidate.is_file():
+            path = candidate
+        elif candidate.is_dir():
+            path = _from_folder(candidate, similarity)
+        elif text.startswith("runs:/") or _RUN_ID.match(text):
+            path = _from_mlflow(text, tracking_uri, similarity)
+        else:
+            raise CheckpointError(f"{text}: no such checkpoint, folder or MLflow run (runs:/<id> or a 32-hex run id)")
+    payload = load_checkpoint(path)
+    if payload["builder"] != "registration_net":
+        raise CheckpointError(f"{path}: a {payload['builder']} checkpoint, not a registration network")
+    meta = dict(payload.get("meta", {}))
+    network = load_network(path, map_location=device).to(device).eval()
+    weight = meta.get("regularization_weight")
+    return RegistrationModel(network=network, checkpoint=path, spacing_mm=_spacing(path, meta, spacing_mm),
+                             similarity=meta.get("similarity"),
+                             regularization_weight=None if weight is None else float(weight), meta=meta)
