@@ -70,16 +70,22 @@ def main() -> None:
     parser.add_argument("--moving-donor", default="10021")
     parser.add_argument("--repeats", type=int, default=3, help="runs per case; the median time is reported")
     parser.add_argument("--table", type=Path, default=None, help="also write the Markdown table here")
+    parser.add_argument("--device", default="cpu", help="torch device for deepsim register")
+    parser.add_argument("--no-affine", action="store_true",
+                        help="skip the --affine cases (they need SimpleITK); run --iterations 50 without it instead")
     args = parser.parse_args()
     paths = write_native_pair(args.out, args.fixed_donor, args.moving_donor)
     common = ["--fixed", str(paths["fixed"]), "--fixed-label", str(paths["fixed_label"]),
               "--moving-label", str(paths["moving_label"])]
+    common += ["--device", args.device]
     cases = [
         ("shipped model", ["--moving", str(paths["moving"])]),
         ("--affine", ["--moving", str(paths["moving"]), "--affine"]),
         ("--affine --iterations 10", ["--moving", str(paths["moving"]), "--affine", "--iterations", "10"]),
         ("--affine, moving contrast randomised", ["--moving", str(paths["moving_strong"]), "--affine"]),
     ]
+    if args.no_affine:
+        cases = [cases[0], ("--iterations 50", ["--moving", str(paths["moving"]), "--iterations", "50"])]
     rows = []
     for name, extra in cases:
         repeats = 1 if "--iterations" in extra else args.repeats
@@ -92,15 +98,17 @@ def main() -> None:
     fixed_shape = nib.load(paths["fixed"]).shape
     moving_shape = nib.load(paths["moving"]).shape
     lines = [
-        "# `deepsim register` on two embedded brains in native space (CPU)",
+        f"# `deepsim register` on two embedded brains in native space ({args.device})",
         "",
-        f"Command: `python benchmarks/register_embedded.py --out OUT --repeats {args.repeats}` "
+        f"Command: `python benchmarks/register_embedded.py --out OUT --repeats {args.repeats} --device {args.device}"
+        f"{' --no-affine' if args.no_affine else ''}` "
         f"(fixed donor {args.fixed_donor} {fixed_shape}, moving donor {args.moving_donor} {moving_shape}, 1 mm, LIP; "
         "synthetic T1-like contrast, synthesis seeds 101 / 202). Model: the shipped default "
         f"(`{report['model'].split('bundles/')[-1]}`). Machine: {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}. Dice: mean over the DK labels present in "
         "the fixed map; folding and std log|J| inside the fixed brain; wall time: the whole CLI process (start-up, "
-        f"model, I/O), median of {args.repeats} runs.",
+        f"model, I/O), median of {args.repeats} runs (cases with --iterations: one run). Device: {args.device}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}.",
         "",
         "| case | Dice before | Dice after affine | Dice after | folding % | std log\\|J\\| | wall time (s) |",
         "|---|---|---|---|---|---|---|",
