@@ -1,0 +1,132 @@
+"""Classical registration baselines on the same pairs: ANTs SyN (antspyx) and elastix B-spline (itk-elastix).
+
+Each registrar maps a pair of arrays on one grid (fixed, moving: (*S) float32, isotropic ``spacing_mm``) to a
+displacement field ``(ndim, *S)`` in voxels in deepsim's convention (:mod:`deepsim.spatial`: the moving image is
+read at x + u(x)), so the same warp and metric code scores every method. Both tools run on the voxel grid with
+identity direction and zero origin: their physical displacements are then voxel displacements times the spacing.
+
+The tools are an optional extra, ``pip install "deepsim[compare]"``; a missing one raises ConfigError saying so.
+Every parameter is stated here (and logged by ``deepsim compare``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from deepsim.errors import ConfigError
+
+__all__ = ["AntsSyN", "ElastixBSpline", "CLASSICAL_METHODS"]
+
+_EXTRA = 'pip install "deepsim[compare]"'
+
+
+def _require(module: str, package: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"{package} is not installed; the classical baselines need it: {_EXTRA}") from exc
+
+
+@dataclass(frozen=True)
+class AntsSyN:
+    """ANTs: affine (Mattes MI) then SyN with the CC metric, through ``ants.registration(type_of_transform="SyN")``.
+
+    ``syn_sampling`` is the CC radius in voxels; ``reg_iterations`` the SyN iterations per level (coarse to fine,
+    shrink factors 4, 2, 1 by antspyx's defaults for three levels); ``grad_step``, ``flow_sigma``, ``total_sigma``
+    the SyN step and the update/total field smoothing (voxels). ``random_seed`` fixes ANTs' metric sampling.
+    """
+
+    aff_metric: str = "mattes"
+    syn_metric: str = "CC"
+    syn_sampling: int = 2
+    reg_iterations: tuple[int, ...] = (40, 20, 0)
+    grad_step: float = 0.2
+    flow_sigma: float = 3.0
+    total_sigma: float = 0.0
+    random_seed: int = 1
+    name: str = "ants-syn"
+
+    def params(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k != "name"}
+
+    def __call__(self, fixed: np.ndarray, moving: np.ndarray, spacing_mm: float) -> np.ndarray:
+        ants = _require("ants", "antspyx")
+        spacing = (float(spacing_mm),) * fixed.ndim
+        f = ants.from_numpy(np.ascontiguousarray(fixed, dtype=np.float32), spacing=spacing)
+        m = ants.from_numpy(np.ascontiguousarray(moving, dtype=np.float32), spacing=spacing)
+        workdir = tempfile.mkdtemp(prefix="deepsim-ants-")
+        try:
+            result = ants.registration(f, m, type_of_transform="SyN", aff_metric=self.aff_metric,
+                                       syn_metric=self.syn_metric, syn_sampling=self.syn_sampling,
+                                       reg_iterations=self.reg_iterations, grad_step=self.grad_step,
+                                       flow_sigma=self.flow_sigma, total_sigma=self.total_sigma,
+                                       random_seed=self.random_seed, outprefix=f"{workdir}/reg_")
+            # affine + warp composed into one displacement field on the fixed grid (physical = voxels x spacing)
+            composite = ants.apply_transforms(f, m, transformlist=result["fwdtransforms"],
+                                              compose=f"{workdir}/composite_")
+            field = ants.image_read(composite).numpy()  # (*S, ndim), components along the array axes, mm
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return np.moveaxis(field, -1, 0).astype(np.float32) / float(spacing_mm)
+
+
+@dataclass(frozen=True)
+class ElastixBSpline:
+    """elastix: affine then B-spline, elastix's default parameter maps with these changes.
+
+    ``grid_spacing_mm`` is the B-spline control-point spacing at the finest level; ``iterations`` the optimiser
+    iterations per resolution (adaptive stochastic gradient descent, ``resolutions`` levels), metric
+    ``AdvancedMattesMutualInformation`` (the default maps'). ``seed`` fixes the random sampler.
+    """
+
+    grid_spacing_mm: float = 10.0
+    iterations: int = 250
+    resolutions: int = 3
+    seed: int = 1
+    name: str = "elastix-bspline"
+    overrides: dict = field(default_factory=dict)
+
+    def params(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "name"}
+
+    def _parameter_object(self, itk):
+        po = itk.ParameterObject.New()
+        for kind in ("affine", "bspline"):
+            pmap = po.GetDefaultParameterMap(kind, self.resolutions)
+            pmap["MaximumNumberOfIterations"] = [str(self.iterations)]
+            pmap["RandomSeed"] = [str(self.seed)]
+            if kind == "bspline":
+                pmap["FinalGridSpacingInPhysicalUnits"] = [str(self.grid_spacing_mm)]
+            for key, value in self.overrides.items():
+                pmap[key] = [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+            po.AddParameterMap(pmap)
+        return po
+
+    def __call__(self, fixed: np.ndarray, moving: np.ndarray, spacing_mm: float) -> np.ndarray:
+        itk = _require("itk", "itk-elastix")
+        if not hasattr(itk, "elastix_registration_method"):
+            raise ConfigError(f"itk is installed without elastix; the classical baselines need it: {_EXTRA}")
+        ndim = fixed.ndim
+
+        def to_itk(array: np.ndarray):
+            # ITK's array view is (z, y, x): reverse the axes so ITK's index i is our first axis
+            image = itk.image_from_array(np.ascontiguousarray(np.transpose(array.astype(np.float32))))
+            image.SetSpacing([float(spacing_mm)] * ndim)
+            return image
+
+        f, m = to_itk(fixed), to_itk(moving)
+        _, transform = itk.elastix_registration_method(f, m, parameter_object=self._parameter_object(itk),
+                                                       log_to_console=False)
+        field = itk.array_from_image(itk.transformix_deformation_field(m, transform))  # (*S reversed, ndim), mm
+        field = np.transpose(field, (*range(ndim - 1, -1, -1), ndim))  # back to our axis order, (*S, ndim)
+        return np.moveaxis(field, -1, 0).astype(np.float32) / float(spacing_mm)
+
+
+#: the classical methods `deepsim compare` knows, by name
+CLASSICAL_METHODS = {"ants-syn": AntsSyN, "elastix-bspline": ElastixBSpline}
