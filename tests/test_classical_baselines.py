@@ -20,8 +20,10 @@ def _blobs(shape=(40, 44, 36), seed=0) -> np.ndarray:
 @pytest.mark.parametrize("registrar, module", [(AntsSyN(reg_iterations=(20, 10, 0)), "ants"),
                                                (ElastixBSpline(iterations=60, resolutions=2), "itk")],
                          ids=["ants-syn", "elastix-bspline"])
-def test_a_known_shift_is_recovered_in_voxels_along_our_axes(registrar, module):
-    """moving[x] = fixed[x - s] for s = (2, -1, 3) voxels, so moving read at x + u(x) matches fixed for u = s."""
+def test_a_known_shift_is_recovered_in_voxels_along_our_axes(registrar, module, tmp_path, monkeypatch):
+    """moving[x] = fixed[x - s] for s = (2, -1, 3) voxels, so moving read at x + u(x) matches fixed for u = s;
+    and the tools leave no files behind in the working directory (transformix used to write one there)."""
+    monkeypatch.chdir(tmp_path)
     pytest.importorskip(module)
     if module == "itk":
         import itk
@@ -36,3 +38,4 @@ def test_a_known_shift_is_recovered_in_voxels_along_our_axes(registrar, module):
     inner = (slice(None),) + (slice(8, -8),) * 3
     recovered = np.median(ddf[inner].reshape(3, -1), axis=1)
     assert np.allclose(recovered, shift, atol=0.3), recovered
+    assert list(tmp_path.iterdir()) == []

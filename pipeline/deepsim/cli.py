@@ -26,6 +26,7 @@ _EPILOG = """examples:
   deepsim sweep --profile paper_cells --losses mse ncc --grid 0.1 1 10
   deepsim register --fixed F.nii.gz --moving M.nii.gz --out reg/   # your own images, shipped brain model
   deepsim warp --field reg/ddf_mm.nii.gz --image M_seg.nii.gz --label --out M_seg_warped.nii.gz
+  deepsim compare --from deepsim_output     # our models vs ANTs SyN and elastix (pip install "deepsim[compare]")
   python -m monai.bundle run --config_file "['$(deepsim bundle-path)/configs/common.json','$(deepsim bundle-path)/configs/train_feature_seg.json']"
 """
 
@@ -158,6 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     rg.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --model runs:/<id>")
     rg.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    cp = sub.add_parser(
+        "compare",
+        help="compare our trained models with ANTs SyN and elastix on the same test pairs",
+        description="Register the held-out test pairs of a `deepsim run` output folder with the identity, ANTs SyN "
+        "(antspyx), elastix B-spline (itk-elastix) and every trained registration model in it, score all with the "
+        "same code (Dice and Dice per label group, HD95, folding, std log|J|, time per pair, peak memory, Wilcoxon "
+        "against the best), log one nested MLflow run per method and write compare.md, results.csv and "
+        "compare.png. The classical tools are an optional extra: pip install \"deepsim[compare]\".",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    cp.add_argument("--from", dest="run_dir", type=Path, default=Path("deepsim_output"),
+                    help="a `deepsim run` output folder (data/ and models/)")
+    cp.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                    help="subset of: identity ants-syn elastix-bspline <trained losses> (default: all found)")
+    cp.add_argument("--max-pairs", type=int, default=None, help="only the first N test pairs (quick checks)")
+    cp.add_argument("--table", type=Path, default=None,
+                    help="also copy the Markdown report here (e.g. benchmarks/results/compare_brain_mri_cpu.md)")
+    _add_output_options(cp, "deepsim_compare", "output folder: compare.md, results.csv, compare.png")
     wp = sub.add_parser(
         "warp",
         help="apply a saved displacement field (ddf_mm.nii.gz) to an image or label map",
@@ -264,6 +283,15 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace, command: list[str]) -> int:
+    from deepsim.experiments.compare_run import run_comparison
+
+    print(run_comparison(args.run_dir, args.out, methods=args.methods, max_pairs=args.max_pairs,
+                         tracking_uri=args.tracking_uri, device=args.device or "cpu",
+                         progress=not args.no_progress, table=args.table, command=" ".join(command)))
+    return 0
+
+
 def _register(args: argparse.Namespace) -> int:
     import json
 
@@ -301,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "compare":
+            return _compare(args, list(sys.argv if argv is None else ["deepsim", *argv]))
         if args.command == "register":
             return _register(args)
         if args.command == "warp":
