@@ -72,3 +72,23 @@ def test_compare_command_on_the_quick_profile(tmp_path):
     assert {"identity", "mse"} <= names and any(n.startswith("compare-") for n in names)
     assert main(["compare", "--from", str(run), "--methods", "voxelmorph", "--out", str(tmp_path / "bad"),
                  "--no-progress"]) == 2
+
+
+def test_missing_classical_tool_or_unknown_method_is_refused_before_any_output(tmp_path, monkeypatch):
+    import importlib.util
+
+    from deepsim.errors import ConfigError, DatasetError
+    from deepsim.evaluation.compare import check_methods
+
+    with pytest.raises(DatasetError, match="deepsim run"):
+        check_methods(tmp_path, None)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "datalist.json").write_text("{}")
+    with pytest.raises(ConfigError, match="unknown method"):
+        check_methods(tmp_path, ["voxelmorph"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ants" else real(name, *a))
+    with pytest.raises(ConfigError, match="antspyx==0.6.3"):
+        check_methods(tmp_path, ["identity", "ants-syn"])
+    assert check_methods(tmp_path, ["identity"]) == ["identity"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "data"]

@@ -26,7 +26,7 @@ _EPILOG = """examples:
   deepsim sweep --profile paper_cells --losses mse ncc --grid 0.1 1 10
   deepsim register --fixed F.nii.gz --moving M.nii.gz --out reg/   # your own images, shipped brain model
   deepsim warp --field reg/ddf_mm.nii.gz --image M_seg.nii.gz --label --out M_seg_warped.nii.gz
-  deepsim compare --from deepsim_output     # our models vs ANTs SyN and elastix (pip install "deepsim[compare]")
+  deepsim compare --from deepsim_output     # our models vs ANTs SyN and elastix (pip install ".[compare]" in a clone)
   python -m monai.bundle run --config_file "['$(deepsim bundle-path)/configs/common.json','$(deepsim bundle-path)/configs/train_feature_seg.json']"
 """
 
@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(antspyx), elastix B-spline (itk-elastix) and every trained registration model in it, score all with the "
         "same code (Dice and Dice per label group, HD95, folding, std log|J|, time per pair, peak memory, Wilcoxon "
         "against the best), log one nested MLflow run per method and write compare.md, results.csv and "
-        "compare.png. The classical tools are an optional extra: pip install \"deepsim[compare]\".",
+        "compare.png. The classical tools are an optional extra: pip install \".[compare]\" from the repository "
+        "(antspyx==0.6.3, itk-elastix==0.25.4).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     cp.add_argument("--from", dest="run_dir", type=Path, default=Path("deepsim_output"),

@@ -103,7 +103,7 @@ def check_methods(run_dir: str | Path, methods: Sequence[str] | None) -> list[st
     for method, module in (("ants-syn", "ants"), ("elastix-bspline", "itk")):
         if method in chosen and importlib.util.find_spec(module) is None:
             raise ConfigError(f"{method} needs {'antspyx' if module == 'ants' else 'itk-elastix'}: "
-                              'pip install "deepsim[compare]" (or leave it out with --methods)')
+                              'pip install antspyx==0.6.3 itk-elastix==0.25.4 (or leave it out with --methods)')
     return chosen
 
 

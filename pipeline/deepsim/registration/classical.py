@@ -5,7 +5,8 @@ displacement field ``(ndim, *S)`` in voxels in deepsim's convention (:mod:`deeps
 read at x + u(x)), so the same warp and metric code scores every method. Both tools run on the voxel grid with
 identity direction and zero origin: their physical displacements are then voxel displacements times the spacing.
 
-The tools are an optional extra, ``pip install "deepsim[compare]"``; a missing one raises ConfigError saying so.
+The tools are an optional extra, ``pip install ".[compare]"`` from the repository (antspyx and itk-elastix);
+a missing one raises ConfigError saying so.
 Every parameter is stated here (and logged by ``deepsim compare``).
 """
 
@@ -21,7 +22,7 @@ from deepsim.errors import ConfigError
 
 __all__ = ["AntsSyN", "ElastixBSpline", "CLASSICAL_METHODS"]
 
-_EXTRA = 'pip install "deepsim[compare]"'
+_EXTRA = 'pip install antspyx==0.6.3 itk-elastix==0.25.4 (the "compare" extra)'
 
 
 def _require(module: str, package: str):
