@@ -107,13 +107,13 @@ def check_methods(run_dir: str | Path, methods: Sequence[str] | None) -> list[st
     return chosen
 
 
-def _registrar(method: str, models_dir: Path, device: torch.device):
+def _registrar(method: str, models_dir: Path, device: torch.device, spacing_mm: float):
     """(callable fixed, moving -> ddf (ndim, *S) voxels torch, parameters to log)."""
     if method == "identity":
         return (lambda f, m: torch.zeros((f.ndim, *f.shape))), {}
     if method in CLASSICAL_METHODS:
         tool = CLASSICAL_METHODS[method]()
-        return None, tool
+        return (lambda f, m: torch.as_tensor(tool(f, m, spacing_mm))), tool.params()
     from deepsim.engine.checkpoints import load_checkpoint, load_network, registration_checkpoint_path
 
     path = registration_checkpoint_path(models_dir, method)
@@ -155,19 +155,17 @@ def compare_methods(
     methods = check_methods(run_dir, methods)
     datalist = run_dir / "data" / "datalist.json"
     spacing = float(json.loads(datalist.read_text())["spacing_mm"])
-    registrars = {m: _registrar(m, run_dir / "models", device) for m in methods}  # fail before any work
+    registrars = {m: _registrar(m, run_dir / "models", device, spacing) for m in methods}  # fail before any work
     pairs = PairDataset(datalist, split)
     n = len(pairs) if max_pairs is None else min(max_pairs, len(pairs))
     rows = []
     for method in methods:
         run, params = registrars[method]
-        tool = params if method in CLASSICAL_METHODS else None
         for i in tqdm(range(n), desc=f"compare {method}", disable=not progress, unit="pair"):
             pair = pairs[i]
             f = np.asarray(pair["fixed"][0], dtype=np.float32)
             m = np.asarray(pair["moving"][0], dtype=np.float32)
-            call = (lambda: torch.as_tensor(tool(f, m, spacing))) if tool is not None else (lambda: run(f, m))
-            ddf, seconds, peak_mib = peak_memory(call)
+            ddf, seconds, peak_mib = peak_memory(lambda: run(f, m))
             ddf = torch.as_tensor(ddf, dtype=torch.float32).cpu()[None]
             moving_label = torch.as_tensor(pair["moving_label"])[None]
             warped = warp_labels(moving_label, ddf)[0, 0].numpy()
@@ -181,7 +179,7 @@ def compare_methods(
             rows.append(row)
         if log_fn is not None:
             done = pd.DataFrame([r for r in rows if r["method"] == method])
-            log_fn(method, tool.params() if tool is not None else params,
+            log_fn(method, params,
                    {k: float(done[k].median() if k == "seconds" else done[k].max() if k == "peak_mib"
                              else done[k].mean()) for k in done.columns if k not in ("method", "pair_id")})
     results = pd.DataFrame(rows)

@@ -91,16 +91,23 @@ def _check_label(label: NativeImage, image: NativeImage) -> np.ndarray:
     if label.array.shape != image.array.shape or not np.allclose(label.affine, image.affine, atol=1e-3):
         raise DatasetError(f"{label.path}: label map grid {label.array.shape} does not match its image "
                            f"{image.path} {image.array.shape} (shape and affine must agree)")
-    values = label.array
+    return _integer_labels(label.array, f"{label.path}: label map has non-integer values")
+
+
+def _integer_labels(values: np.ndarray, message: str) -> np.ndarray:
+    """``values`` as int64; DatasetError(``message``) if a float map holds non-integer values."""
     if np.issubdtype(values.dtype, np.floating) and not np.array_equal(values, np.round(values)):
-        raise DatasetError(f"{label.path}: label map has non-integer values")
+        raise DatasetError(message)
     return values.astype(np.int64)
 
 
-def _check_pair(fixed: NativeImage, moving: NativeImage, model: RegistrationModel) -> None:
+def _check_pair(fixed: NativeImage, moving: NativeImage) -> None:
     if fixed.ndim != moving.ndim:
         raise DatasetError(f"{moving.path}: moving image is {moving.ndim}D but the fixed image {fixed.path} is "
                            f"{fixed.ndim}D")
+
+
+def _check_model(fixed: NativeImage, model: RegistrationModel) -> None:
     if fixed.ndim != model.spatial_dims:
         raise DatasetError(f"{fixed.path}: a {fixed.ndim}D image, but the model {model.checkpoint} registers "
                            f"{model.spatial_dims}D images")
@@ -181,17 +188,14 @@ def register_files(
     if iterations < 0:
         raise ConfigError(f"--iterations must be >= 0, got {iterations}")
     fixed_img, moving_img = load_native(fixed, "fixed image"), load_native(moving, "moving image")
-    if fixed_img.ndim != moving_img.ndim:
-        raise DatasetError(f"{moving_img.path}: moving image is {moving_img.ndim}D but the fixed image "
-                           f"{fixed_img.path} is {fixed_img.ndim}D")
+    _check_pair(fixed_img, moving_img)
     fixed_lab = _check_label(load_native(fixed_label, "fixed label map"), fixed_img) if fixed_label else None
     moving_lab = _check_label(load_native(moving_label, "moving label map"), moving_img) if moving_label else None
     fixed_norm, moving_norm = normalise_intensity(fixed_img), normalise_intensity(moving_img)
     net = model if isinstance(model, RegistrationModel) else resolve_model(model, device, similarity, tracking_uri,
                                                                            spacing_mm)
-    _check_pair(fixed_img, moving_img, net)
+    _check_model(fixed_img, net)
     objective = _instance_objective(net, device) if iterations else None
-    ndim = fixed_img.ndim
     timings: dict[str, float] = {}
 
     # 1. optional affine pre-alignment: T maps fixed world points into the moving image
@@ -324,10 +328,8 @@ def apply_field(field: str | Path, image: str | Path, out: str | Path, label: bo
     field_grid = Grid(tuple(int(n) for n in ddf_mm.shape[1:]), affine)
     target = grid_points(field_grid) + torch.as_tensor(ddf_mm, dtype=torch.float64)
     if label:
-        values = img.array
-        if np.issubdtype(values.dtype, np.floating) and not np.array_equal(values, np.round(values)):
-            raise DatasetError(f"{image}: --label given but the image has non-integer values")
-        warped = sample_at(torch.as_tensor(values.astype(np.int64)), img.affine, target, mode="nearest").numpy()
+        values = _integer_labels(img.array, f"{image}: --label given but the image has non-integer values")
+        warped = sample_at(torch.as_tensor(values), img.affine, target, mode="nearest").numpy()
         return save_volume(out, _label_dtype(warped), affine)
     warped = sample_at(torch.as_tensor(np.asarray(img.array, dtype=np.float32)), img.affine, target).numpy()
     return save_volume(out, warped.astype(np.float32), affine)
