@@ -7,7 +7,7 @@ the message and exits with a non-zero status instead of a traceback.
 
 from __future__ import annotations
 
-__all__ = ["DeepsimError", "DatasetError", "ConfigError", "CheckpointError"]
+__all__ = ["DeepsimError", "DatasetError", "ConfigError", "CheckpointError", "TrackingError"]
 
 
 class DeepsimError(Exception):
@@ -24,3 +24,7 @@ class ConfigError(DeepsimError):
 
 class CheckpointError(DeepsimError):
     """A checkpoint is missing, corrupted or belongs to another architecture."""
+
+
+class TrackingError(DeepsimError):
+    """MLflow could not record something (an artifact upload failed after its retries); the local file remains."""

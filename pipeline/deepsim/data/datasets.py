@@ -390,6 +390,20 @@ def _resolve_inside(root: Path, rel: object, datalist: Path) -> str:
     return str(path)
 
 
+def _check_duplicates(splits: dict[str, list[dict]], source: Path) -> None:
+    """An image listed twice in one split, or in both training and test (a leak), is refused, naming both places.
+    (Validation may repeat training images: it monitors, it is not held out. Images may share a label map.)"""
+    seen: dict[str, str] = {}
+    for split in _SPLITS:
+        in_split: set[str] = set()
+        for i, item in enumerate(splits.get(split, [])):
+            image, where = item["image"], f"'{split}' item {i}"
+            if image in in_split or (split == "test" and seen.get(image, "").startswith("'training'")):
+                raise DatasetError(f"{source}: {image} is listed twice ({seen[image]} and {where})")
+            in_split.add(image)
+            seen.setdefault(image, where)
+
+
 def _pairs_from_datalist(source: Path) -> dict[str, list[dict]]:
     try:
         content = json.loads(source.read_text())
@@ -404,13 +418,17 @@ def _pairs_from_datalist(source: Path) -> dict[str, list[dict]]:
         if not isinstance(content[split], list):
             raise DatasetError(f"{source}: '{split}' must be a list of items")
         items = []
-        for item in content[split]:
+        for i, item in enumerate(content[split]):
             if not isinstance(item, dict):
                 raise DatasetError(f"{source}: items of '{split}' must be objects with 'image' and 'label'")
+            missing = [k for k in ("image", "label") if k not in item]
+            if missing:
+                raise DatasetError(f"{source}: '{split}' item {i} lacks {missing} (it has {sorted(item)})")
             image = _resolve_inside(source.parent, item.get("image"), source)
             label = _resolve_inside(source.parent, item.get("label"), source)
             items.append({"image": image, "label": label, "subject": str(item.get("subject", _stem(Path(image))))})
         out[split] = items
+    _check_duplicates(out, source)
     return out
 
 
@@ -534,11 +552,16 @@ def load_datalist(path: Path) -> dict:
         items = content.setdefault(split, [])
         if not isinstance(items, list):
             raise DatasetError(f"{path}: '{split}' must be a list")
+        ids = set()
         for item in items:
-            if not isinstance(item, dict) or any(not isinstance(item.get(k), str) for k in ("image", "label", "subject", "id")):
+            keys = ("image", "label", "subject", "id")
+            if not isinstance(item, dict) or any(not isinstance(item.get(k), str) for k in keys):
                 raise DatasetError(f"{path}: every '{split}' item needs string 'image', 'label', 'subject' and 'id'")
+            if item["id"] in ids:
+                raise DatasetError(f"{path}: id {item['id']!r} appears twice in '{split}'")
+            ids.add(item["id"])
             for key in ("image", "label"):
-                item[key] = str(path.parent / item[key])
+                item[key] = _resolve_inside(path.parent, item[key], path)
     return content
 
 

@@ -52,6 +52,14 @@ class ContrastRandomization:
             generators[key] = torch.Generator(device=device).manual_seed(int(self.generator_seed))
         return generators[key]
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Generator states by device, so a resumed training run draws the same contrasts."""
+        return {key: gen.get_state() for key, gen in self._generators.items()}  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            self._generator(torch.device(key)).set_state(value)
+
     def _uniform(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         return torch.rand(shape, generator=self._generator(device), device=device)
 

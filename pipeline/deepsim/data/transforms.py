@@ -50,6 +50,7 @@ __all__ = [
     "default_roi_size",
     "ValidateFilesd",
     "ValidateValuesd",
+    "LoadFilesd",
     "loading_transforms",
     "grid_transforms",
     "preprocessing_transforms",
@@ -111,7 +112,19 @@ def _spatial_shape(img: nib.spatialimages.SpatialImage, path: Path) -> tuple[int
         shape = shape[:-1]
     if len(shape) != 3:
         raise DatasetError(f"{path} has {len(img.shape)} dimensions {tuple(img.shape)}; expected a 3D volume")
+    if img.get_data_dtype().kind == "c":
+        raise DatasetError(f"{path}: voxel type {img.get_data_dtype()} is complex; expected real values")
+    _check_geometry(path, img.affine)
     return shape
+
+
+def _check_geometry(path: object, affine: np.ndarray) -> None:
+    """DatasetError unless ``affine`` (4x4 voxel -> world) is finite with three independent voxel axes."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise DatasetError(f"{path}: the header's voxel-to-world affine holds NaN or infinite values")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DatasetError(f"{path}: the header's voxel-to-world affine is singular (a zero or repeated voxel axis)")
 
 
 class ValidateFilesd(MapTransform):
@@ -140,8 +153,33 @@ class ValidateFilesd(MapTransform):
         return d
 
 
+class LoadFilesd(MapTransform):
+    """MONAI's ``LoadImaged`` (channel first, metadata kept), one key at a time, so that a file whose header reads
+    but whose voxels do not (a truncated ``.nii.gz``) is a one-line DatasetError naming it."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        super().__init__(keys)
+        # nibabel reads every file ValidateFilesd accepted; (X, Y, Z, 1, ...) loses its trailing axes as it did there
+        self.loaders = {k: LoadImaged(k, reader="NibabelReader", ensure_channel_first=True, image_only=True, dtype=None,
+                                      squeeze_non_spatial_dims=True) for k in self.keys}
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = d[key]
+            try:
+                d = self.loaders[key](d)
+            except Exception as exc:  # nibabel/zlib/MONAI raise many types for a damaged file
+                reason = (str(exc).splitlines() or [""])[0][:200]
+                raise DatasetError(f"{path} is not a readable image ({type(exc).__name__}: {reason})") from None
+            # MONAI may read another of the header's two affines (qform/sform) than nibabel's choice checked before
+            _check_geometry(path, d[key].affine.numpy())
+        return d
+
+
 class ValidateValuesd(MapTransform):
-    """Checks loaded volumes: finite image intensities, integer label values. Errors name the file."""
+    """Checks loaded volumes: finite, non-constant image intensities; a label map with integer values and some
+    labelled voxels. Errors name the file."""
 
     def __init__(self, image_key: str | None = "image", label_key: str = "label") -> None:
         super().__init__([k for k in (image_key, label_key) if k is not None])
@@ -160,10 +198,19 @@ class ValidateValuesd(MapTransform):
                 raise DatasetError(f"{self._name(d[self.label_key], self.label_key)} has non-integer label values")
         if label.numel() and (float(label.min()) < -(2**31) or float(label.max()) >= 2**31):
             raise DatasetError(f"{self._name(d[self.label_key], self.label_key)} has label values beyond int32")
+        if not bool((label > 0).any()):  # the foreground crop keeps values > 0
+            raise DatasetError(f"{self._name(d[self.label_key], self.label_key)}: the label map is empty (no voxel "
+                               "above 0); the pipeline crops to, trains on and scores labelled structures")
         if self.image_key is not None and self.image_key in d:
             image = torch.as_tensor(d[self.image_key])
+            name = self._name(d[self.image_key], self.image_key)
             if image.is_floating_point() and not torch.isfinite(image).all():
-                raise DatasetError(f"{self._name(d[self.image_key], self.image_key)} contains NaN or Inf values")
+                raise DatasetError(f"{name} contains NaN or Inf values")
+            # the percentiles the intensity normalisation uses (0.5, 99.5): equal means nothing left to normalise
+            lo, hi = np.percentile(image.numpy().astype(np.float64, copy=False), [0.5, 99.5])
+            if not hi > lo:
+                raise DatasetError(f"{name}: the image is constant (or nearly: 99 % of voxels equal {lo:g}); "
+                                   "nothing to register")
         return d
 
 
@@ -172,7 +219,7 @@ def loading_transforms(image_key: str | None = "image", label_key: str = "label"
     keys = [k for k in (image_key, label_key) if k is not None]
     return [
         ValidateFilesd(image_key, label_key),
-        LoadImaged(keys, ensure_channel_first=True, image_only=True, dtype=None),
+        LoadFilesd(keys),
         ValidateValuesd(image_key, label_key),
         CastToTyped(keys, dtype=torch.float32),
         Orientationd(keys, axcodes="RAS", labels=None),

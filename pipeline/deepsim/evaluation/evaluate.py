@@ -82,7 +82,7 @@ def evaluate_methods(
         if method != "identity":
             ckpt = registration_checkpoint_path(models_dir, method)
             train_time = float(load_checkpoint(ckpt)["meta"].get("train_time_s", float("nan")))
-            network = load_network(ckpt, map_location=device).to(device).eval()
+            network = load_network(ckpt, map_location=device, builder="registration_net").to(device).eval()
         for i in tqdm(range(len(pairs)), desc=f"evaluate {method}", disable=not progress, unit="pair"):
             pair = pairs[i]
             if noise_std > 0:

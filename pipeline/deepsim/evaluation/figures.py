@@ -24,6 +24,7 @@ from matplotlib.colors import ListedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from deepsim.evaluation.summary import IDENTITY_METHOD
+from deepsim.io import atomic_write
 
 __all__ = ["plot_registration_overlay", "plot_deformation_grid", "plot_jacobian", "plot_dice_boxplot",
            "plot_method_gallery"]
@@ -90,10 +91,8 @@ def _normalise(a: np.ndarray) -> np.ndarray:
 
 
 def _save(fig: Figure, path: PathLike) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=100, bbox_inches="tight")
-    return out
+    """Write the PNG atomically: a killed run never leaves a truncated figure."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
 
 
 def _axes_grid(fig: Figure, rows: int, cols: int) -> np.ndarray:

@@ -3,6 +3,12 @@
 Default store: a SQLite file ``<output_dir>/mlflow.db`` (MLflow 3 is SQLite-first); ``--tracking-uri`` points at a
 server instead. One experiment per dataset, one parent run per pipeline invocation, nested runs per stage.
 Every function here is a no-op when no run is active, so stages also run untracked (e.g. from a bare bundle).
+
+Faults: an unreachable server stops the run at start-up with a one-line ConfigError, or, with a ``fallback_uri``,
+the runs go to that local store with a warning (copy them later with ``deepsim sync-runs``, :mod:`.sync`).
+Artifact uploads and metric batches are retried with backoff (:data:`RETRIES`, :data:`BACKOFF_S`); one that still
+fails is reported on stderr at once, kept in :func:`failed_uploads`, and turned into a TrackingError (exit ≠ 0) by
+:func:`raise_failed_uploads` at the end of the job: never dropped silently.
 """
 
 from __future__ import annotations
@@ -10,23 +16,50 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from deepsim.errors import ConfigError
+from deepsim.errors import ConfigError, TrackingError
 
 __all__ = ["default_tracking_uri", "setup_tracking", "stage_run", "log_epoch_metrics", "log_params",
-           "log_artifact", "log_dict", "flatten", "git_commit", "ui_command"]
+           "log_artifact", "log_dict", "flatten", "git_commit", "ui_command", "failed_uploads", "raise_failed_uploads",
+           "with_retries", "RETRIES", "BACKOFF_S"]
+
+#: attempts of one upload (artifact, dict, metric batch) before it is reported as failed
+RETRIES = 3
+#: wait before the second attempt; doubled before each further one
+BACKOFF_S = 2.0
+_FAILED: list[str] = []
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
-def setup_tracking(tracking_uri: str, experiment: str) -> str:
-    """Point MLflow at ``tracking_uri`` and select ``experiment``; fail fast with a one-line error if unreachable."""
+def setup_tracking(tracking_uri: str, experiment: str, fallback_uri: str | None = None) -> str:
+    """Point MLflow at ``tracking_uri`` and select ``experiment``; returns the URI in use.
+
+    An unreachable ``tracking_uri`` is a one-line ConfigError, unless ``fallback_uri`` (a local ``sqlite:///``
+    store) is given: then a warning names both and the command that copies the runs over later, and the runs go
+    to the fallback store.
+    """
+    try:
+        return _setup_tracking(tracking_uri, experiment)
+    except ConfigError as exc:
+        if fallback_uri is None or fallback_uri == tracking_uri or "not reachable" not in str(exc):
+            raise
+        print(f"deepsim: warning: {exc}; logging to {fallback_uri} instead. Copy the runs to the server later "
+              f"with: deepsim sync-runs --from {fallback_uri} --to {tracking_uri}", file=sys.stderr, flush=True)
+        os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        os.environ.pop("MLFLOW_HTTP_REQUEST_TIMEOUT", None)
+        return _setup_tracking(fallback_uri, experiment)
+
+
+def _setup_tracking(tracking_uri: str, experiment: str) -> str:
     import mlflow
 
     if tracking_uri.startswith(("file:", "./", "/")) and not tracking_uri.startswith("sqlite"):
@@ -50,13 +83,51 @@ def setup_tracking(tracking_uri: str, experiment: str) -> str:
 
 
 @contextmanager
-def stage_run(name: str, tags: Mapping[str, str] | None = None, nested: bool = True) -> Iterator[Any]:
-    """Start a (nested) MLflow run named ``name``; ended as FAILED if the body raises."""
+def stage_run(name: str, tags: Mapping[str, str] | None = None, nested: bool = True,
+              run_id: str | None = None) -> Iterator[Any]:
+    """Start a (nested) MLflow run named ``name``, or continue the run ``run_id`` (``deepsim run --resume``);
+    ended as FAILED if the body raises."""
     import mlflow
 
-    with mlflow.start_run(run_name=name, nested=nested and mlflow.active_run() is not None,
-                          tags=dict(tags or {})) as run:
+    nested = nested and mlflow.active_run() is not None
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id, nested=nested) as run:
+            yield run
+        return
+    with mlflow.start_run(run_name=name, nested=nested, tags=dict(tags or {})) as run:
         yield run
+
+
+def with_retries(what: str, upload: Any) -> bool:
+    """Call ``upload()`` up to :data:`RETRIES` times with doubling waits; a final failure is reported on stderr
+    and remembered for :func:`raise_failed_uploads`. True when it succeeded."""
+    delay = BACKOFF_S
+    for attempt in range(1, RETRIES + 1):
+        try:
+            upload()
+            return True
+        except Exception as exc:  # MLflow raises many types (MlflowException, requests' and OS errors)
+            if attempt == RETRIES:
+                reason = (str(exc).splitlines() or [""])[0][:200]
+                message = f"{what} (after {RETRIES} attempts: {type(exc).__name__}: {reason})"
+                _FAILED.append(message)
+                print(f"deepsim: warning: MLflow upload failed: {message}", file=sys.stderr, flush=True)
+                return False
+            time.sleep(delay)
+            delay *= 2
+    return False
+
+
+def failed_uploads() -> list[str]:
+    """What could not be uploaded so far in this process (one description each, naming the local file)."""
+    return list(_FAILED)
+
+
+def raise_failed_uploads() -> None:
+    """Raise a TrackingError listing every failed upload (and forget them); nothing when all went through."""
+    if _FAILED:
+        failed, _FAILED[:] = list(_FAILED), []
+        raise TrackingError(f"{len(failed)} MLflow upload(s) failed; the files are still on disk: " + "; ".join(failed))
 
 
 def _active() -> bool:
@@ -70,14 +141,18 @@ def log_epoch_metrics(metrics: Mapping[str, float], epoch: int) -> None:
     if _active():
         import mlflow
 
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=int(epoch))
+        values = {k: float(v) for k, v in metrics.items()}
+        with_retries(f"metrics {sorted(values)} of epoch {epoch} to run {mlflow.active_run().info.run_id}",
+                      lambda: mlflow.log_metrics(values, step=int(epoch)))
 
 
 def log_metrics(metrics: Mapping[str, float]) -> None:
     if _active():
         import mlflow
 
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        values = {k: float(v) for k, v in metrics.items()}
+        with_retries(f"metrics {sorted(values)} to run {mlflow.active_run().info.run_id}",
+                      lambda: mlflow.log_metrics(values))
 
 
 def flatten(config: Mapping, prefix: str = "") -> dict[str, str]:
@@ -93,24 +168,32 @@ def flatten(config: Mapping, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def log_params(params: Mapping) -> None:
+def log_params(params: Mapping, only_new: bool = False) -> None:
+    """Log ``params`` flattened; ``only_new`` skips keys the run already has (a resumed run, whose params were
+    logged before: MLflow refuses to change a param's value)."""
     if _active():
         import mlflow
 
         flat = flatten(params)
+        if only_new:
+            existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+            flat = {k: v for k, v in flat.items() if k not in existing}
         keys = sorted(flat)
         for i in range(0, len(keys), 100):  # MLflow caps one batch at 100 params
             mlflow.log_params({k: flat[k] for k in keys[i:i + 100]})
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    """Upload a file or folder to the active run, with retries (see :func:`failed_uploads`)."""
     if _active() and Path(path).exists():
         import mlflow
 
+        run_id = mlflow.active_run().info.run_id
+        what = f"artifact {Path(path).resolve()} -> run {run_id} artifact path {artifact_path or '.'}"
         if Path(path).is_dir():
-            mlflow.log_artifacts(str(path), artifact_path)
+            with_retries(what, lambda: mlflow.log_artifacts(str(path), artifact_path))
         else:
-            mlflow.log_artifact(str(path), artifact_path)
+            with_retries(what, lambda: mlflow.log_artifact(str(path), artifact_path))
 
 
 def log_dict(content: Mapping, artifact_file: str) -> None:
@@ -118,7 +201,9 @@ def log_dict(content: Mapping, artifact_file: str) -> None:
     if _active():
         import mlflow
 
-        mlflow.log_dict(json.loads(json.dumps(content, default=str)), artifact_file)
+        plain = json.loads(json.dumps(content, default=str))
+        with_retries(f"artifact {artifact_file} (a dict, not on disk) -> run {mlflow.active_run().info.run_id}",
+                      lambda: mlflow.log_dict(plain, artifact_file))
 
 
 def git_commit() -> str:

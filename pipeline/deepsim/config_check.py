@@ -1,0 +1,101 @@
+"""Checks of a profile JSON before anything runs: known keys, value types that match the bundle's defaults.
+
+A profile's values become bundle overrides, and MONAI accepts any override: a misspelt key (``max_epoch``) would be
+added beside the real one and silently ignored, and a wrong type (``"max_epochs": "3"``) would fail deep inside
+ignite after the data were prepared. :func:`check_profile` refuses both up front with a one-line ConfigError that
+names the file, the key path and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+from deepsim.errors import ConfigError
+
+__all__ = ["check_profile"]
+
+_TOP_TYPES = {"description": str, "experiment": str, "bundle": str, "common": dict, "losses": list,
+              "stages": dict, "lambdas": dict}
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "an object"}
+
+
+def _json_type(value: Any) -> type | None:
+    """The JSON kind of ``value`` (bool before int: JSON true is no number here)."""
+    for kind in (bool, int, float, str, list, dict):
+        if isinstance(value, kind):
+            return kind
+    return None
+
+
+def _is_reference(value: Any) -> bool:
+    """A MONAI expression or reference (``$...``, ``@...``), or a component (``_target_``): no plain type."""
+    return (isinstance(value, str) and value[:1] in ("$", "@")) or (isinstance(value, dict) and "_target_" in value)
+
+
+def _check_value(path: Path, where: str, value: Any, default: Any) -> None:
+    if default is None or _is_reference(default) or _is_reference(value):
+        return
+    want, got = _json_type(default), _json_type(value)
+    if want is float and got in (int, float):
+        return
+    if want is not got:
+        raise ConfigError(f"{path}: {where} must be {_TYPE_NAMES.get(want, want)} like the bundle's default "
+                          f"{json.dumps(default)}, got {json.dumps(value)}")
+    if want is dict:
+        for key, item in value.items():
+            _check_value(path, f"{where}.{key}", item, default.get(key))
+
+
+def _check_overrides(path: Path, where: str, overrides: Any, defaults: Mapping[str, Any]) -> None:
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{path}: {where} must be an object of bundle values, got {json.dumps(overrides)}")
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(f"{path}: {where} has unknown keys {unknown} (not in the bundle's configs; a typo?)")
+    for key, value in overrides.items():
+        _check_value(path, f"{where}.{key}", value, defaults[key])
+
+
+def _read(configs: Path, name: str) -> dict:
+    return json.loads((configs / name).read_text())
+
+
+def check_profile(path: Path, raw: Mapping[str, Any], configs: Path, stage_files: Mapping[str, str],
+                  losses: list[str] | tuple[str, ...]) -> None:
+    """ConfigError unless every value of profile ``raw`` (read from ``path``) fits the bundle in ``configs``.
+
+    ``stage_files``: stage name -> config file name (``workflow.STAGE_FILES``); ``losses``: the known loss names.
+    """
+    for key, kind in _TOP_TYPES.items():
+        if key in raw and not isinstance(raw[key], kind):
+            raise ConfigError(f"{path}: {key} must be {_TYPE_NAMES[kind]}, got {json.dumps(raw[key])}")
+    if not all(isinstance(loss, str) for loss in raw.get("losses", [])):
+        raise ConfigError(f"{path}: losses must be a list of loss names, got {json.dumps(raw['losses'])}")
+    for loss, weight in raw.get("lambdas", {}).items():
+        if loss not in losses:
+            raise ConfigError(f"{path}: lambdas has the unknown loss {loss!r}; choose from {list(losses)}")
+        if isinstance(weight, bool) or not isinstance(weight, Real) or weight < 0:
+            raise ConfigError(f"{path}: lambdas.{loss} must be a number >= 0, got {json.dumps(weight)}")
+    common = _read(configs, "common.json")
+    stages = {name: {**common, **_read(configs, file)} for name, file in stage_files.items()
+              if (configs / file).is_file()}
+    everything = {k: v for defaults in stages.values() for k, v in defaults.items()}
+    _check_overrides(path, "common", raw.get("common", {}), {**everything, **common})
+    for name, overrides in raw.get("stages", {}).items():
+        if name == "registration_by_loss":
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"{path}: stages.registration_by_loss must map losses to objects")
+            for loss, values in overrides.items():
+                if loss not in losses:
+                    raise ConfigError(f"{path}: stages.registration_by_loss has the unknown loss {loss!r}")
+                _check_overrides(path, f"stages.registration_by_loss.{loss}", values, stages["registration"])
+        elif name in stages:
+            _check_overrides(path, f"stages.{name}", overrides, stages[name])
+        else:
+            raise ConfigError(f"{path}: stages has the unknown stage {name!r}; known: "
+                              f"{sorted([*stages, 'registration_by_loss'])}")
