@@ -12,10 +12,33 @@ from __future__ import annotations
 import torch
 from monai.networks.blocks import Warp
 
-__all__ = ["warp_image", "warp_labels", "warp_onehot", "ddf_voxel_to_world", "ddf_world_to_voxel", "identity_grid"]
+__all__ = ["CachedGridWarp", "warp_image", "warp_labels", "warp_onehot", "ddf_voxel_to_world", "ddf_world_to_voxel",
+           "identity_grid"]
 
-_bilinear_warp = Warp(mode="bilinear", padding_mode="border")
-_nearest_warp = Warp(mode="nearest", padding_mode="zeros")
+
+class CachedGridWarp(Warp):
+    """MONAI's ``Warp`` with a reference grid that is really cached, and built on the field's device.
+
+    MONAI 1.6.1's ``Warp.get_reference_grid`` compares the cached grid's ``shape[1:]`` (ndim, *S) with
+    ``ddf.shape[2:]`` (*S), which never match: every call builds the grid on the host (int64 meshgrid) and copies it
+    to the device, 83 MB per call for a 160×192×224 field. On an H200 that host work and copy made our training step
+    CPU-bound (``benchmarks/profile_step.py``). Here the grid is kept per (spatial shape, device, dtype) and made
+    directly on the device; it has batch size 1 and broadcasts over the batch. The warp itself is MONAI's.
+    """
+
+    def get_reference_grid(self, ddf: torch.Tensor, jitter: bool = False, seed: int = 0) -> torch.Tensor:
+        if jitter:
+            return super().get_reference_grid(ddf, jitter, seed)
+        key = (tuple(ddf.shape[2:]), ddf.device, ddf.dtype)
+        if self.ref_grid is None or getattr(self, "_grid_key", None) != key:
+            axes = [torch.arange(n, device=ddf.device, dtype=ddf.dtype) for n in ddf.shape[2:]]
+            self.ref_grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)[None]
+            self._grid_key = key
+        return self.ref_grid
+
+
+_bilinear_warp = CachedGridWarp(mode="bilinear", padding_mode="border")
+_nearest_warp = CachedGridWarp(mode="nearest", padding_mode="zeros")
 
 
 def _check_pair(image: torch.Tensor, ddf: torch.Tensor) -> None:
@@ -56,12 +79,16 @@ def warp_onehot(onehot: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_linear(ddf: torch.Tensor, affine: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """Multiply every displacement vector by the linear part of ``affine`` (or its inverse), in float64."""
+    """Multiply every displacement vector by the linear part of ``affine`` (or its inverse).
+
+    The matrix is inverted in float64; the product runs in the field's own precision (float32 fields stay float32:
+    a 3x3 product loses ~1e-7 relative, and a float64 copy of a 1 mm brain field costs 170 MB and time)."""
     ndim = ddf.shape[1]
     linear = torch.as_tensor(affine, dtype=torch.float64, device=ddf.device)[:ndim, :ndim]
     if inverse:
         linear = torch.linalg.inv(linear)
-    return torch.einsum("ij,bj...->bi...", linear, ddf.double()).to(ddf.dtype)
+    dtype = ddf.dtype if ddf.is_floating_point() else torch.float64
+    return torch.einsum("ij,bj...->bi...", linear.to(dtype), ddf.to(dtype))
 
 
 def ddf_voxel_to_world(ddf: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:

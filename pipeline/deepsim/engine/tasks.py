@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from monai.data import MetaTensor
 from torch import nn
 from torch.nn import functional as F
 
@@ -21,7 +22,11 @@ __all__ = ["RegistrationTask", "SegmentationTask", "ReconstructionTask", "LabelI
 
 
 def _to(batch: Mapping, key: str, device: torch.device | str) -> torch.Tensor:
+    """``batch[key]`` as a plain tensor on ``device``. A MONAI MetaTensor is unwrapped first: its metadata
+    tracking would run on every operation of the network and the loss (the affine is not needed there)."""
     value = batch[key]
+    if isinstance(value, MetaTensor):
+        value = value.as_tensor()
     return torch.as_tensor(value).to(device, non_blocking=True)
 
 

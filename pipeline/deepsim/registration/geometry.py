@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-__all__ = ["Grid", "working_grid", "grid_points", "apply_affine", "clamp_to_grid", "sample_at", "linear_part"]
+__all__ = ["Grid", "working_grid", "grid_points", "apply_affine", "clamp_to_grid", "sample_at", "linear_part",
+           "resample_onto", "voxel_correspondence"]
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,19 @@ def working_grid(fixed: Grid, spacing_mm: float | Sequence[float], multiple: int
     n = (np.ceil(n / multiple) * multiple).astype(int)
     affine = np.eye(4)
     affine[np.arange(ndim), np.arange(ndim)] = spacing
-    affine[:ndim, 3] = (lo + hi) / 2.0 - spacing * (n - 1) / 2.0
+    # padding split as evenly as whole voxels allow (floor on the low side): when the fixed image has the model's
+    # spacing and axes, working and fixed voxels then coincide and resampling between them is an exact copy
+    # (resample_onto's fast path)
+    affine[:ndim, 3] = lo - spacing * np.floor((n - 1 - (hi - lo) / spacing) / 2.0 + 1e-6)
     return Grid(tuple(int(v) for v in n), affine)
 
 
-def grid_points(grid: Grid, device: torch.device | str = "cpu") -> torch.Tensor:
-    """World coordinates (mm, RAS) of every voxel of ``grid``: (ndim, *shape) float64."""
+def grid_points(grid: Grid, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """World coordinates (mm, RAS) of every voxel of ``grid``: (ndim, *shape), float64 unless ``dtype`` says.
+
+    float32 (half the memory and time on a 1 mm brain) is exact to ~2e-5 mm over a 300 mm field of view."""
     ndim = grid.ndim
-    axes = [torch.arange(n, dtype=torch.float64, device=device) for n in grid.shape]
+    axes = [torch.arange(n, dtype=dtype, device=device) for n in grid.shape]
     index = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
     return apply_affine(torch.as_tensor(_homogeneous(grid.affine, ndim), device=device), index)
 
@@ -93,8 +99,9 @@ def apply_affine(matrix: torch.Tensor | np.ndarray, points: torch.Tensor) -> tor
     if m.shape == (4, 4) and ndim == 2:
         m = torch.as_tensor(_homogeneous(m.cpu().numpy(), 2), device=points.device)
     m = m.to(dtype)
-    shift = m[:ndim, ndim].view(-1, *[1] * (points.ndim - 1))
-    return torch.einsum("ij,j...->i...", m[:ndim, :ndim], points.to(dtype)) + shift
+    # one BLAS product (addmm) over the flattened points: several times faster than einsum on a 1 mm brain grid
+    flat = torch.addmm(m[:ndim, ndim:], m[:ndim, :ndim], points.to(dtype).reshape(ndim, -1))
+    return flat.reshape(points.shape)
 
 
 def sample_at(image: torch.Tensor, affine: np.ndarray, points: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -102,26 +109,100 @@ def sample_at(image: torch.Tensor, affine: np.ndarray, points: torch.Tensor, mod
 
     ``image`` is (*S) or, with one extra leading axis, (C, *S) channels sampled together. ``*P`` is any layout: a
     grid (ndim, X, Y, Z) or a list of points (ndim, N). ``mode``: "bilinear" (linear in 2D and 3D, float32) or
-    "nearest" (float64 throughout, so label values and voxel choices are exact). Points outside read 0.
+    "nearest" (voxel choice in float64, values gathered in the image's dtype, so label values are exact).
+    Points outside read 0.
     The image and points must be on one device.
     """
     ndim = points.shape[0]
     channels = image.ndim == ndim + 1
     if image.ndim not in (ndim, ndim + 1):
         raise ValueError(f"image has {image.ndim} axes, points have {ndim} coordinates")
-    dtype = torch.float64 if mode == "nearest" else torch.float32
     world_to_voxel = torch.as_tensor(np.linalg.inv(_homogeneous(affine, ndim)), device=points.device)
     spatial = image.shape[1:] if channels else image.shape
+    if mode == "nearest":
+        return _nearest(image, apply_affine(world_to_voxel, points.double()), spatial, channels)
+    dtype = torch.float32
     # fold voxel -> [-1, 1] (grid_sample, align_corners=True) into the matrix: one pass over the points
     scale = torch.tensor([2.0 / max(n - 1, 1) for n in spatial], dtype=torch.float64, device=points.device)
     to_norm = torch.eye(ndim + 1, dtype=torch.float64, device=points.device)
     to_norm[:ndim, :ndim] = torch.diag(scale)
     to_norm[:ndim, ndim] = -1.0
-    norm = apply_affine((to_norm @ world_to_voxel).to(dtype), points.to(dtype))
+    matrix = (to_norm @ world_to_voxel)[:ndim].flip(0).to(dtype)  # rows reversed: grid_sample wants (x, y, z)
     out_shape = points.shape[1:]
-    # any point layout -> (1, N, 1[, 1], ndim), the shape grid_sample takes for a 2D/3D image; (x, y, z) reversed
-    grid = norm.reshape(ndim, -1).flip(0).T.reshape(1, -1, *[1] * (ndim - 1), ndim)
+    # any point layout -> (N, ndim) by one product with the transposed points, then (1, N, 1[, 1], ndim), the
+    # shape grid_sample takes for a 2D/3D image
+    grid = torch.addmm(matrix[:, ndim], points.to(dtype).reshape(ndim, -1).T, matrix[:, :ndim].T)
+    grid = grid.reshape(1, -1, *[1] * (ndim - 1), ndim)
     values = image.to(dtype)[None] if channels else image.to(dtype)[None, None]
     out = F.grid_sample(values, grid, mode=mode, padding_mode="zeros", align_corners=True)[0]
-    out = out.reshape(-1, *out_shape) if channels else out.reshape(out_shape)
-    return out.round().to(image.dtype) if mode == "nearest" and not image.is_floating_point() else out
+    return out.reshape(-1, *out_shape) if channels else out.reshape(out_shape)
+
+
+def _nearest(image: torch.Tensor, voxel: torch.Tensor, spatial: tuple[int, ...], channels: bool) -> torch.Tensor:
+    """Nearest-neighbour lookup at voxel coordinates (ndim, *P), float64: round half to even (as grid_sample),
+    0 outside. A gather in the image's own dtype: label values are copied, never converted through floats."""
+    index = torch.round(voxel).long()
+    upper = torch.tensor(spatial, device=voxel.device).view(-1, *[1] * (voxel.ndim - 1)) - 1
+    inside = ((index >= 0) & (index <= upper)).all(dim=0)
+    index = torch.minimum(index.clamp_min(0), upper)
+    flat = index[0]
+    for axis in range(1, len(spatial)):
+        flat = flat * spatial[axis] + index[axis]
+    values = image.reshape(image.shape[0], -1) if channels else image.reshape(1, -1)
+    out = values[:, flat.reshape(-1)].reshape(-1, *voxel.shape[1:])
+    out = out * inside.to(out.dtype) if out.dtype != torch.bool else out & inside
+    return out if channels else out[0]
+
+
+def voxel_correspondence(image_affine: np.ndarray, grid: Grid, tol: float = 1e-4):
+    """If every voxel of ``grid`` lies exactly on a voxel of the image (same spacing, axes only permuted or
+    flipped, whole-voxel offset), return per grid axis ``(image axis, sign, offset)`` with image index
+    ``sign * i + offset``; else None."""
+    ndim = grid.ndim
+    m = np.linalg.inv(_homogeneous(image_affine, ndim)) @ _homogeneous(grid.affine, ndim)  # grid -> image voxels
+    linear, shift = m[:ndim, :ndim], m[:ndim, ndim]
+    signs = np.round(linear)
+    if not np.allclose(linear, signs, atol=tol) or not np.allclose(shift, np.round(shift), atol=tol):
+        return None
+    if not (np.abs(signs).sum(axis=0) == 1).all() or not (np.abs(signs).sum(axis=1) == 1).all():
+        return None
+    axes = np.abs(signs).argmax(axis=0)  # the image axis of each grid axis
+    return [(int(axes[j]), int(signs[axes[j], j]), int(round(shift[axes[j]]))) for j in range(ndim)]
+
+
+def resample_onto(image: torch.Tensor, affine: np.ndarray, grid: Grid, box: Grid | None = None) -> torch.Tensor:
+    """``image`` (*S) or (C, *S) with voxel -> world ``affine``, resampled linearly onto ``grid``: (*G) or (C, *G).
+
+    Equal to :func:`sample_at` at the grid's points (0 outside the image); with ``box``, grid points outside the
+    box grid's voxel-centre box are first moved onto its nearest face (:func:`clamp_to_grid`: border replication of
+    the box's field of view). When the grid's voxels coincide with the image's and the box's
+    (:func:`voxel_correspondence`: the common case of 1 mm images and a 1 mm model) linear interpolation is an exact
+    copy, done by index gathers, about ten times faster on a 1 mm brain; every other geometry goes through
+    :func:`sample_at`.
+    """
+    ndim = grid.ndim
+    channels = image.ndim == ndim + 1
+    match = voxel_correspondence(affine, grid)
+    box_match = voxel_correspondence(box.affine, grid) if box is not None else None
+    if match is None or (box is not None and box_match is None):
+        points = grid_points(grid, image.device, torch.float32)
+        return sample_at(image, affine, clamp_to_grid(points, box) if box is not None else points)
+    out = image.float() if channels else image.float()[None]
+    out = out.permute(0, *[1 + axis for axis, _, _ in match])  # image axes in grid-axis order
+    keep = None
+    for j, ((axis, sign, offset), n) in enumerate(zip(match, grid.shape)):
+        i = torch.arange(n, device=image.device)
+        if box_match is not None:  # grid indices whose box index lies in 0 .. n_box - 1
+            b_axis, b_sign, b_offset = box_match[j]
+            lo, hi = sorted((-b_sign * b_offset, b_sign * (box.shape[b_axis] - 1 - b_offset)))
+            i = i.clamp(lo, hi)
+        index = sign * i + offset
+        size = image.shape[-ndim + axis]
+        inside = (index >= 0) & (index < size)
+        out = out.index_select(1 + j, index.clamp(0, size - 1))
+        if not bool(inside.all()):
+            mask = inside.view(*[-1 if a == j else 1 for a in range(ndim)])
+            keep = mask if keep is None else keep & mask
+    if keep is not None:
+        out = out * keep.to(out.dtype)
+    return out if channels else out[0]

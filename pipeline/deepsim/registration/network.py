@@ -15,7 +15,7 @@ from monai.networks.nets import UNet
 from torch import nn
 from torch.nn import functional as F
 
-from deepsim.spatial import warp_image
+from deepsim.spatial import CachedGridWarp, warp_image
 
 __all__ = ["RegistrationNet"]
 
@@ -69,6 +69,8 @@ class RegistrationNet(nn.Module):
         nn.init.normal_(self.flow[1].weight, std=1e-5)
         nn.init.zeros_(self.flow[1].bias)
         self.integrate = DVF2DDF(num_steps=integration_steps) if diffeomorphic else None
+        if self.integrate is not None:  # MONAI's own Warp rebuilds its grid on the host at every squaring step
+            self.integrate.warp_layer = CachedGridWarp(mode="bilinear", padding_mode="zeros")
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         if moving.shape != fixed.shape:
@@ -81,7 +83,11 @@ class RegistrationNet(nn.Module):
         pair = torch.cat([moving, fixed], dim=1)
         if self.half_res:
             pair = F.avg_pool3d(pair, 2) if self.spatial_dims == 3 else F.avg_pool2d(pair, 2)
-        field = self.flow(self.backbone(pair))
+        features = self.backbone(pair)
+        # the flow head in float32 even under bf16 autocast: bf16's 8-bit mantissa would quantise a 10-voxel
+        # displacement to steps of 0.06 voxels
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            field = self.flow(features.float())
         if self.integrate is not None:
             field = self.integrate(field.float())
         if self.half_res:

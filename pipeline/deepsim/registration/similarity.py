@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from monai.losses import DiceLoss, LocalNormalizedCrossCorrelationLoss
+from monai.losses import DiceLoss
 from torch import nn
 from torch.nn import functional as F
 
@@ -29,6 +29,7 @@ from deepsim.spatial import warp_onehot
 __all__ = [
     "SIMILARITY_NAMES",
     "DeepSimLoss",
+    "box_mean",
     "LocalNCCLoss",
     "MINDSSCLoss",
     "MSELoss",
@@ -57,7 +58,9 @@ def deepsim_similarity(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.
     """DeepSim = 1/L sum_l mean_p cos(F_l(a)_p, F_l(b)_p). Lists of (B, C_l, *S_l) -> scalar in [-1, 1]."""
     if len(feats_a) != len(feats_b) or not feats_a:
         raise ValueError(f"need the same non-zero number of feature levels, got {len(feats_a)} and {len(feats_b)}")
-    return torch.stack([cosine_similarity_map(fa, fb, eps).mean() for fa, fb in zip(feats_a, feats_b)]).mean()
+    # float32 even under bf16 autocast: a bf16 dot product over 64 channels keeps ~3 significant digits
+    return torch.stack([cosine_similarity_map(fa.float(), fb.float(), eps).mean()
+                        for fa, fb in zip(feats_a, feats_b)]).mean()
 
 
 class MSELoss(nn.Module):
@@ -67,21 +70,57 @@ class MSELoss(nn.Module):
         return torch.mean((warped - fixed) ** 2)
 
 
+def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over the ``window``^d box around every voxel, zeros outside: (B, C, *S) -> (B, C, *S).
+
+    Separable: one 1D average pool per axis (``count_include_pad``, so the border divides by the full window,
+    as a zero-padded box convolution does): 3 x ``window`` reads per voxel instead of ``window``^3.
+    """
+    ndim = x.ndim - 2
+    pool = F.avg_pool3d if ndim == 3 else F.avg_pool2d
+    for axis in range(ndim):
+        kernel, padding = [1] * ndim, [0] * ndim
+        kernel[axis], padding[axis] = window, window // 2
+        if x.shape[2 + axis] < window:  # pooling refuses inputs smaller than the kernel: pad explicitly
+            pad = [0] * (2 * ndim)
+            pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = window // 2
+            x, padding[axis] = F.pad(x, pad), 0
+        x = pool(x, kernel_size=kernel, stride=1, padding=padding, count_include_pad=True)
+    return x
+
+
 class LocalNCCLoss(nn.Module):
     """1 - mean squared local NCC over cubic windows of ``window`` voxels (9 in the paper), in [0, 1].
 
-    Wraps MONAI's ``LocalNormalizedCrossCorrelationLoss`` (which returns -NCC^2 in [-1, 0]); the shift by 1 only
-    makes 0 the optimum like every other loss here and does not change gradients.
+    The same quantity as MONAI's ``LocalNormalizedCrossCorrelationLoss`` with a rectangular kernel (which returns
+    -NCC^2 in [-1, 0]; the shift by 1 only makes 0 the optimum like every other loss here), tested equal to it.
+    Computed faster: the five local statistics (means of t, p, t², p², tp) are box-filtered together as channels of
+    one tensor with separable average pools (:func:`box_mean`) rather than 15 separate padded convolutions, and
+    always in float32 (the variances subtract nearly equal numbers; bf16 would cancel them away).
     """
 
-    def __init__(self, spatial_dims: int = 3, window: int = 9):
+    def __init__(self, spatial_dims: int = 3, window: int = 9, smooth_dr: float = 1e-5):
         super().__init__()
         if window < 1 or window % 2 == 0:
             raise ValueError(f"window must be a positive odd number of voxels, got {window}")
-        self.lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=spatial_dims, kernel_size=window)
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.spatial_dims, self.window, self.smooth_dr = spatial_dims, window, float(smooth_dr)
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        return 1.0 + self.lncc(warped, fixed)
+        if warped.shape != fixed.shape or warped.ndim != self.spatial_dims + 2:
+            raise ValueError(f"warped {tuple(warped.shape)} and fixed {tuple(fixed.shape)} must both be "
+                             f"(B, C, *S) with {self.spatial_dims} spatial dimensions")
+        with torch.autocast(device_type=warped.device.type, enabled=False):
+            p, t = warped.float(), fixed.float()
+            channels = p.shape[1]
+            means = box_mean(torch.cat([t, p, t * t, p * p, t * p], dim=1), self.window)
+            t_mean, p_mean, t2_mean, p2_mean, tp_mean = means.split(channels, dim=1)
+            n = float(self.window**self.spatial_dims)  # MONAI's sums are n x these means
+            cross = n * (tp_mean - p_mean * t_mean)
+            t_var = (n * (t2_mean - t_mean * t_mean)).clamp_min(self.smooth_dr)
+            p_var = (n * (p2_mean - p_mean * p_mean)).clamp_min(self.smooth_dr)
+            return 1.0 - (cross * cross / (t_var * p_var)).mean()
 
 
 class DeepSimLoss(nn.Module):
@@ -141,9 +180,18 @@ class DeepSimLoss(nn.Module):
     def _select(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         return feats if self.levels is None else [feats[i] for i in self.levels]
 
+    def _fixed_features(self, fixed: torch.Tensor) -> list[torch.Tensor]:
+        """Features of the fixed image, computed once per fixed tensor: instance optimisation calls the loss many
+        times with the same (unchanged) fixed image; training passes a new tensor every step."""
+        key = (id(fixed), fixed._version, fixed.shape, fixed.device, torch.is_autocast_enabled(fixed.device.type))
+        if getattr(self, "_cache_key", None) != key or self._cache_ref is not fixed:
+            with torch.no_grad():
+                self._cache_feats = self._select(self.feature_net.features(fixed))
+            self._cache_key, self._cache_ref = key, fixed
+        return self._cache_feats
+
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            fixed_feats = self._select(self.feature_net.features(fixed))
+        fixed_feats = self._fixed_features(fixed)
         warped_feats = self._select(self.feature_net.features(warped))
         return 1.0 - deepsim_similarity(warped_feats, fixed_feats, self.eps)
 
