@@ -213,13 +213,11 @@ def toy(tmp_path_factory):
 
 
 def _with_pairs(toy_path: Path, folder: Path, pairs: dict) -> Path:
-    """A copy of the toy datalist (same image files, absolute paths) with a "pairs" entry."""
+    """A copy of the toy datalist with a "pairs" entry, beside it (a prepared datalist's paths may not leave its
+    folder), named after ``folder`` so that tests sharing the toy data do not overwrite each other's."""
     content = json.loads(toy_path.read_text())
-    for split in ("training", "validation", "test"):
-        for it in content[split]:
-            it["image"], it["label"] = str(toy_path.parent / it["image"]), str(toy_path.parent / it["label"])
     content["pairs"] = pairs
-    path = folder / "datalist.json"
+    path = toy_path.parent / f"datalist_{folder.name}.json"
     path.write_text(json.dumps(content))
     return path
 

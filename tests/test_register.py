@@ -1,5 +1,6 @@
 """``deepsim register``: user images of any grid in, outputs on the fixed grid; ITK-readable field; bad inputs."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -627,3 +628,51 @@ def test_a_simpleitk_error_in_the_affine_step_is_one_line_and_writes_nothing(tmp
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and str(fixed) in err and "ITK ERROR: too few samples" in err, err
     assert not out.exists()
+
+
+def test_pairs_csv_registers_every_pair_like_single_calls(tmp_path, models, capsys):
+    """--pairs: one folder per pair with the same outputs as a single `register` call, and registrations.csv."""
+    fixed, moving, _ = _deformed_pair(tmp_path, FIXED_AFFINES["RAS"], (20, 20, 20))
+    flabel = _save(tmp_path / "fl.nii.gz", _labels(_world((20, 20, 20), FIXED_AFFINES["RAS"])), FIXED_AFFINES["RAS"])
+    mlabel = _save(tmp_path / "ml.nii.gz", _labels(_world(MOVING_SHAPE, MOVING_AFFINE)), MOVING_AFFINE)
+    (tmp_path / "pairs.csv").write_text("fixed,moving,fixed_label,moving_label,name\n"
+                                        f"{fixed.name},{moving.name},{flabel.name},{mlabel.name},with_labels\n"
+                                        f"{fixed},{moving},,,\n")
+    out = tmp_path / "batch"
+    assert main(["register", "--pairs", str(tmp_path / "pairs.csv"), "--model", str(models[3]), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "2 pairs registered" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out / "registrations.csv")))
+    assert [r["name"] for r in rows] == ["with_labels", "pair_0002"]
+    assert rows[0]["dice_after"] and not rows[1]["dice_after"]
+    single = tmp_path / "single"
+    assert main(["register", "--fixed", str(fixed), "--moving", str(moving), "--fixed-label", str(flabel),
+                 "--moving-label", str(mlabel), "--model", str(models[3]), "--out", str(single), "--no-progress"]) == 0
+    for name in ("warped.nii.gz", "ddf_mm.nii.gz", "warped_label.nii.gz", "jacobian_det.nii.gz"):
+        assert np.array_equal(nib.load(str(out / "with_labels" / name)).get_fdata(),
+                              nib.load(str(single / name)).get_fdata()), name
+    assert not (out / "pair_0002" / "warped_label.nii.gz").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("fixed,moving\n", "lists no pairs"),
+    ("fixed,mov\na.nii.gz,b.nii.gz\n", "missing ['moving'], unknown ['mov']"),
+    ("fixed,moving\nfixed.nii.gz,absent.nii.gz\n", "line 2: moving"),
+    ("fixed,moving,name\nfixed.nii.gz,fixed.nii.gz,x\nfixed.nii.gz,fixed.nii.gz,x\n", "line 3: name 'x' is repeated"),
+])
+def test_a_bad_pairs_csv_is_one_line_and_writes_nothing(tmp_path, models, capsys, content, expected):
+    _save(tmp_path / "fixed.nii.gz", np.ones((8, 8, 8), np.float32), np.eye(4))
+    (tmp_path / "pairs.csv").write_text(content)
+    out = tmp_path / "batch"
+    assert main(["register", "--pairs", str(tmp_path / "pairs.csv"), "--model", str(models[3]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("deepsim: error: DatasetError: ") and "pairs.csv" in err, err
+    assert expected in err, err
+    assert not out.exists()
+
+
+def test_pairs_and_fixed_together_are_refused(tmp_path, models, capsys):
+    assert main(["register", "--pairs", "p.csv", "--fixed", "f.nii.gz", "--out", str(tmp_path / "o")]) == 2
+    assert "--pairs replaces --fixed" in capsys.readouterr().err
+    assert main(["register", "--out", str(tmp_path / "o")]) == 2
+    assert "needs --fixed and --moving (or --pairs CSV)" in capsys.readouterr().err

@@ -21,6 +21,9 @@ _EPILOG = """examples:
   deepsim run --profile quick --out /tmp/q # tiny data, seconds: checks an installation
   deepsim run --losses mse deepsim-seg     # only some losses
   deepsim run --tracking-uri http://mlflow.example:5000
+  deepsim run --resume --out deepsim_output  # continue a killed run where it stopped
+  deepsim sync-runs --from sqlite:///deepsim_output/mlflow.db --to http://mlflow.example:5000
+  torchrun --standalone --nproc_per_node=4 -m deepsim.cli run --distributed --profile full   # 4 GPUs, DDP
   deepsim reproduce                        # paper reproduction, CPU scale: brains + cells, 3 seeds, noise study
   deepsim reproduce --scale full --datasets brain_mri --device cuda   # 1 mm brains on a GPU
   deepsim sweep --profile paper_cells --losses mse ncc --grid 0.1 1 10
@@ -64,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--losses", nargs="+", default=None, metavar="LOSS",
                      help="similarity losses to train (default: the profile's list): mse ncc deepsim-ae deepsim-seg")
     run.add_argument("--seed", type=int, default=0, help="random seed (data synthesis, pairs, initialisation)")
+    run.add_argument("--distributed", action="store_true",
+                     help="data-parallel training (DDP) on every process of a torchrun job: launch as torchrun "
+                     "--nproc_per_node=N -m deepsim.cli run --distributed ... (docs/distributed.md)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the interrupted run in --out (same profile, seed and losses): finished stages "
+                     "are skipped, the interrupted one restarts from its last training state, in the same MLflow runs")
+    run.add_argument("--tracking-fallback", choices=["none", "local"], default="none",
+                     help="if --tracking-uri is unreachable: 'none' stops at start-up, 'local' logs to "
+                     "<out>/mlflow.db with a warning (copy the runs over later with deepsim sync-runs)")
     rep = sub.add_parser(
         "reproduce",
         help="reproduce the paper: every loss, every dataset, several seeds, noise study, one report",
@@ -133,12 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --fixed-label FL.nii.gz --moving-label ML.nii.gz \\\n"
         "      --affine --iterations 50 --out reg/\n"
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --model deepsim_output --similarity mse --out reg/\n"
+        "  deepsim register --pairs pairs.csv --out reg/        # many pairs, model loaded once\n"
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --model runs:/<run_id> --tracking-uri "
         "sqlite:///deepsim_output/mlflow.db --out reg/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    rg.add_argument("--fixed", type=Path, required=True, help="fixed image (NIfTI)")
-    rg.add_argument("--moving", type=Path, required=True, help="moving image (NIfTI)")
+    rg.add_argument("--fixed", type=Path, default=None, help="fixed image (NIfTI)")
+    rg.add_argument("--moving", type=Path, default=None, help="moving image (NIfTI)")
+    rg.add_argument("--pairs", type=Path, default=None, metavar="CSV",
+                    help="instead of --fixed/--moving: register every pair of this CSV (columns fixed, moving and "
+                    "optionally fixed_label, moving_label, name; paths relative to the CSV) into --out/<name>/, "
+                    "with the model loaded once; writes --out/registrations.csv")
     rg.add_argument("--fixed-label", type=Path, default=None, help="label map of the fixed image (for Dice)")
     rg.add_argument("--moving-label", type=Path, default=None, help="label map of the moving image, warped too")
     rg.add_argument("--model", default=None,
@@ -190,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     wp.add_argument("--image", type=Path, required=True, help="image or label map to warp")
     wp.add_argument("--out", type=Path, required=True, help="output NIfTI path")
     wp.add_argument("--label", action="store_true", help="nearest-neighbour resampling of a label map")
+    sy = sub.add_parser(
+        "sync-runs",
+        help="copy MLflow runs from one tracking store to another (e.g. a local fallback store to the server)",
+        description="Copy every run of the source store (or of --experiment) to the destination: params, tags, "
+        "metric histories, artifacts, status and times, with nested runs under their copied parents. Runs copied "
+        "before (tag deepsim.synced_from) are skipped, so it can run again after an interruption.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sy.add_argument("--from", dest="source", required=True, help="source tracking URI, e.g. sqlite:///out/mlflow.db")
+    sy.add_argument("--to", dest="destination", required=True, help="destination tracking URI, e.g. http://host:5000")
+    sy.add_argument("--experiment", nargs="+", default=None, metavar="NAME", help="only these experiments")
     bp = sub.add_parser("bundle-path", help="print the folder of an installed MONAI bundle")
     bp.add_argument("name", nargs="?", default="brain_mri", help="bundle name: brain_mri or cells_2d")
     return parser
@@ -207,20 +235,69 @@ def _user_error(exc: BaseException) -> DeepsimError | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from deepsim.evaluation.summary import format_table
-    from deepsim.tracking.mlflow_tracking import ui_command
     from deepsim.workflow import load_profile, run_pipeline
 
     profile = load_profile(args.profile)
+    if args.distributed:
+        return _run_distributed(args, profile)
     summary, uri = run_pipeline(profile, args.out, tracking_uri=args.tracking_uri, losses=args.losses,
-                                device=args.device, seed=args.seed, progress=not args.no_progress)
+                                device=args.device, seed=args.seed, progress=not args.no_progress,
+                                resume=args.resume, tracking_fallback=args.tracking_fallback == "local")
+    _print_run_summary(summary, uri, args.out)
+    return _uploads_done()
+
+
+def _uploads_done() -> int:
+    """0, or a TrackingError listing the MLflow uploads that failed during the job (after its output is printed)."""
+    from deepsim.tracking.mlflow_tracking import raise_failed_uploads
+
+    raise_failed_uploads()
+    return 0
+
+
+def _sync_runs(args: argparse.Namespace) -> int:
+    from deepsim.tracking.sync import sync_runs
+
+    copied = sync_runs(args.source, args.destination, experiments=args.experiment)
+    for source_id, new_id in copied:
+        print(f"{source_id} -> {new_id}")
+    print(f"{len(copied)} run(s) copied from {args.source} to {args.destination}")
+    return _uploads_done()
+
+
+def _run_distributed(args: argparse.Namespace, profile) -> int:
+    """``deepsim run --distributed``: one torchrun process; rank 0 prints the table."""
+    from deepsim.engine import distributed
+    from deepsim.errors import ConfigError
+    from deepsim.workflow import run_pipeline
+
+    if not distributed.launched_by_torchrun():
+        raise ConfigError("--distributed needs torchrun's environment: launch as torchrun --nproc_per_node=N "
+                          "-m deepsim.cli run --distributed ... (docs/distributed.md)")
+    cpu = args.device is not None and args.device.startswith("cpu")
+    distributed.init_from_env(backend="gloo" if cpu else None)
+    try:
+        summary, uri = run_pipeline(profile, args.out, tracking_uri=args.tracking_uri, losses=args.losses,
+                                    device=args.device, seed=args.seed, progress=not args.no_progress,
+                                    distributed=True, resume=args.resume,
+                                    tracking_fallback=args.tracking_fallback == "local")
+    finally:
+        distributed.destroy()
+    if summary is not None:
+        _print_run_summary(summary, uri, args.out)
+    return _uploads_done()
+
+
+def _print_run_summary(summary, uri: str, out: Path) -> None:
+    from deepsim.evaluation.summary import format_table
+    from deepsim.tracking.mlflow_tracking import ui_command
+
     print()
     print(f"Test pairs: {int(summary['n_pairs'].iloc[0])} (held-out subjects only)")
     print(format_table(summary))
     print()
-    print(f"Report (CSV, Markdown, figures): {Path(args.out).resolve() / 'report'}")
+    print(f"Report (CSV, Markdown, figures): {Path(out).resolve() / 'report'}")
     print(f"Open the runs in MLflow:  {ui_command(uri)}")
-    return 0
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -234,7 +311,7 @@ def _reproduce(args: argparse.Namespace) -> int:
                                resume=not args.no_resume, command=command,
                                report_name=experiment.name)
     print(path.read_text())
-    return 0
+    return _uploads_done()
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -245,6 +322,7 @@ def _report(args: argparse.Namespace) -> int:
     from deepsim.errors import ConfigError
     from deepsim.experiments.report import write_report
     from deepsim.experiments.reproduce import load_experiment
+    from deepsim.io import atomic_write
 
     missing = [str(p) for p in args.results if not p.is_file()]
     if missing:
@@ -260,7 +338,7 @@ def _report(args: argparse.Namespace) -> int:
             raise ConfigError(f"--qualitative {item!r}: expected DATASET=PNG with an existing PNG")
         figures[dataset] = args.out / f"{args.name}_{dataset}_qualitative.png"
         if Path(png).resolve() != figures[dataset].resolve():
-            shutil.copyfile(png, figures[dataset])
+            atomic_write(figures[dataset], lambda tmp, png=png: shutil.copyfile(png, tmp))
     path = write_report(results, args.out, args.made_by or "deepsim report " + " ".join(sys.argv[2:]), published,
                         figures, "\n\n".join(args.note), args.name)
     print(path)
@@ -281,7 +359,7 @@ def _sweep(args: argparse.Namespace) -> int:
     for path in args.update_profile or []:
         update_profile(path, chosen)
         print(f"chosen λ written to {path}")
-    return 0
+    return _uploads_done()
 
 
 def _compare(args: argparse.Namespace, command: list[str]) -> int:
@@ -290,14 +368,29 @@ def _compare(args: argparse.Namespace, command: list[str]) -> int:
     print(run_comparison(args.run_dir, args.out, methods=args.methods, max_pairs=args.max_pairs,
                          tracking_uri=args.tracking_uri, device=args.device or "cpu",
                          progress=not args.no_progress, table=args.table, command=" ".join(command)))
-    return 0
+    return _uploads_done()
 
 
 def _register(args: argparse.Namespace) -> int:
     import json
 
-    from deepsim.registration.inference import register_files
+    from deepsim.errors import ConfigError
+    from deepsim.registration.inference import register_files, register_pairs
 
+    if args.pairs is not None:
+        if args.fixed or args.moving or args.fixed_label or args.moving_label:
+            raise ConfigError("--pairs replaces --fixed/--moving/--fixed-label/--moving-label; give one or the other")
+        rows = register_pairs(args.pairs, args.out, model=args.model, device=args.device, similarity=args.similarity,
+                              tracking_uri=args.tracking_uri, spacing_mm=args.spacing, affine=args.affine,
+                              iterations=args.iterations, learning_rate=args.learning_rate,
+                              progress=not args.no_progress)
+        for row in rows:
+            dice = f"Dice {row['dice_before']:.4f} -> {row['dice_after']:.4f}; " if row["dice_after"] is not None else ""
+            print(f"{row['name']}: {dice}folding {row['folding_pct']:.4f} %; {row['seconds']:.2f} s")
+        print(f"{len(rows)} pairs registered into {args.out} (summary: {args.out / 'registrations.csv'})")
+        return 0
+    if args.fixed is None or args.moving is None:
+        raise ConfigError("deepsim register needs --fixed and --moving (or --pairs CSV)")
     written = register_files(args.fixed, args.moving, args.out, model=args.model, fixed_label=args.fixed_label,
                              moving_label=args.moving_label, affine=args.affine, iterations=args.iterations,
                              learning_rate=args.learning_rate, device=args.device, similarity=args.similarity,
@@ -330,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "sync-runs":
+            return _sync_runs(args)
         if args.command == "compare":
             return _compare(args, list(sys.argv if argv is None else ["deepsim", *argv]))
         if args.command == "register":

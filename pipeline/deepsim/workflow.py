@@ -3,6 +3,10 @@
 preprocess -> feature pretraining (AE, seg; only those the chosen losses need) -> registration (one run per loss)
 -> evaluation. Each stage is exactly the bundle config ``python -m monai.bundle run`` would execute
 (``common.json`` + the stage file), with the profile's values as overrides: there is no second code path.
+
+``distributed=True`` (``torchrun ... deepsim run --distributed``) adds each training stage's
+``multi_gpu_<stage>.json``, as ``torchrun ... -m monai.bundle run`` would; rank 0 alone prepares the data, evaluates
+and talks to MLflow while the other ranks train beside it (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from deepsim.engine.distributed import barrier, is_main_process
+from deepsim.config_check import check_profile
 from deepsim.errors import ConfigError
 from deepsim.registration.similarity import FEATURE_NET_OF, SIMILARITY_NAMES
+from deepsim.run_record import RunRecord, run_settings
 from deepsim.tracking import mlflow_tracking as tracking
 
 __all__ = [
@@ -41,6 +49,12 @@ STAGE_FILES = {
     "registration": "train_registration.json",
     "evaluate": "evaluate.json",
     "inference": "inference.json",
+}
+#: the data-parallel override each training stage gets under torchrun (MONAI model-zoo ``multi_gpu_*`` convention)
+MULTI_GPU_FILES = {
+    "feature_ae": "multi_gpu_train_feature_ae.json",
+    "feature_seg": "multi_gpu_train_feature_seg.json",
+    "registration": "multi_gpu_train_registration.json",
 }
 _PROFILE_KEYS = {"description", "experiment", "bundle", "common", "losses", "stages", "lambdas"}
 
@@ -93,6 +107,9 @@ def read_config_json(name_or_path: str, folder: str, allowed: set[str]) -> tuple
 def load_profile(name_or_path: str) -> Profile:
     """Load a profile by name (``quick``, ``default``, ``full``) or from a JSON path; validate its keys."""
     path, raw = read_config_json(name_or_path, "profiles", _PROFILE_KEYS)
+    bundle = raw.get("bundle", "brain_mri")
+    check_profile(path, raw, bundle_dir(bundle if isinstance(bundle, str) else "brain_mri") / "configs", STAGE_FILES,
+                  SIMILARITY_NAMES)  # known keys, the bundle's value types: a typo stops here, not hours later
     bad = [loss for loss in raw.get("losses", []) if loss not in SIMILARITY_NAMES]
     if bad:
         raise ConfigError(f"{path}: unknown losses {bad}; choose from {list(SIMILARITY_NAMES)}")
@@ -102,8 +119,10 @@ def load_profile(name_or_path: str) -> Profile:
                    bundle=raw.get("bundle", "brain_mri"), source=str(path))
 
 
-def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = None) -> Any:
+def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = None, distributed: bool = False) -> Any:
     """Run one bundle stage (``common.json`` + its stage file) through MONAI's ``ConfigWorkflow``.
+
+    ``distributed``: a training stage also reads its ``multi_gpu_*.json`` (every rank of a torchrun job runs it).
 
     Returns the workflow's parser, so callers can read resolved values (e.g. ``evaluate``'s result).
     """
@@ -113,8 +132,11 @@ def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = No
     logging.getLogger("monai.bundle").setLevel(logging.ERROR)
     bundle = bundle or bundle_dir()
     configs = bundle / "configs"
+    files = [configs / "common.json", configs / STAGE_FILES[stage]]
+    if distributed and stage in MULTI_GPU_FILES:
+        files.append(configs / MULTI_GPU_FILES[stage])
     workflow = ConfigWorkflow(
-        config_file=[str(configs / "common.json"), str(configs / STAGE_FILES[stage])],
+        config_file=[str(f) for f in files],
         meta_file=str(configs / "metadata.json"),
         logging_file=False,
         workflow_type=None,
@@ -127,7 +149,8 @@ def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = No
 
 
 def _print(msg: str) -> None:
-    print(msg, flush=True)
+    if is_main_process():  # one voice under torchrun
+        print(msg, flush=True)
 
 
 def stage_common(profile: Profile, output_dir: Path, seed: int = 0, progress: bool = True,
@@ -165,16 +188,24 @@ def check_losses(losses: Sequence[str]) -> list[str]:
 
 
 def prepare_and_pretrain(profile: Profile, common: Mapping[str, Any], losses: Sequence[str],
-                         tags: Mapping[str, str], bundle: Path) -> None:
-    """Stages 1 and 2: prepare the data, then pretrain the feature nets that ``losses`` need (tracked runs)."""
+                         tags: Mapping[str, str], bundle: Path, distributed: bool = False,
+                         record: RunRecord | None = None) -> None:
+    """Stages 1 and 2: prepare the data, then pretrain the feature nets that ``losses`` need (tracked runs).
+
+    ``distributed``: rank 0 prepares the data while the other ranks wait; every rank trains. ``record``: see
+    :func:`tracked_stage`.
+    """
     output_dir = Path(common["output_dir"])
     _print(f"[deepsim] 1/4 preparing data in {output_dir / 'data'}")
-    tracked_stage("preprocess", "preprocess", common, tags, bundle=bundle)
+    if is_main_process():
+        tracked_stage("preprocess", "preprocess", common, tags, bundle=bundle, record=record)
+    barrier()
     for kind in sorted({FEATURE_NET_OF[loss] for loss in losses} - {None}):
         name = f"feature_{kind}"
         _print(f"[deepsim] 2/4 feature pretraining: {name}")
         tracked_stage(name, name, {**common, **profile.stages.get(name, {})}, tags,
-                      [(output_dir / "models" / f"{name}.pt", "checkpoint")], bundle=bundle)
+                      [(output_dir / "models" / f"{name}.pt", "checkpoint")], bundle=bundle, distributed=distributed,
+                      record=record)
 
 
 def run_pipeline(
@@ -186,6 +217,9 @@ def run_pipeline(
     seed: int = 0,
     progress: bool = True,
     nested: bool = False,
+    distributed: bool = False,
+    resume: bool = False,
+    tracking_fallback: bool = False,
 ) -> tuple[Any, str]:
     """Run every stage of ``profile`` into ``output_dir``.
 
@@ -194,58 +228,125 @@ def run_pipeline(
 
     Returns ``(summary, tracking_uri)``: the evaluation summary (pandas DataFrame, one row per method) and the
     MLflow tracking URI the runs went to.
+
+    ``distributed=True`` (inside a torchrun process group, see :func:`deepsim.engine.distributed.init_from_env`):
+    every rank trains each stage data-parallel; only rank 0 prepares, evaluates and tracks. The other ranks return
+    ``(None, tracking_uri)`` after the last training stage.
+
+    ``resume=True`` continues the interrupted run in ``output_dir`` (its ``run_record.json``, see
+    :mod:`deepsim.run_record`): same MLflow parent and stage runs, finished stages skipped, the interrupted training
+    stage restored from its last training state. ``tracking_fallback=True``: an unreachable ``tracking_uri`` logs to
+    ``<output_dir>/mlflow.db`` with a warning instead of stopping the run.
     """
     output_dir = Path(output_dir).resolve()
     losses = check_losses(losses or profile.losses)  # before anything is written
+    settings = run_settings(profile, seed, losses)
+    record = RunRecord.load(output_dir) if resume else None
+    if record is not None:
+        record.check_same(settings)
+        if tracking_uri not in (None, record.tracking_uri):  # its runs live in the recorded store
+            raise ConfigError(f"--resume: the runs of {output_dir} are in {record.tracking_uri}, not {tracking_uri}; "
+                              "resume without --tracking-uri (copy them over afterwards with deepsim sync-runs)")
+        tracking_uri = record.tracking_uri
     output_dir.mkdir(parents=True, exist_ok=True)
+    main = is_main_process()
     if nested:
         import mlflow
 
         uri = mlflow.get_tracking_uri()
+    elif not main:  # ranks > 0 never touch the MLflow store
+        uri = tracking_uri or tracking.default_tracking_uri(output_dir)
     else:
-        uri = tracking.setup_tracking(tracking_uri or tracking.default_tracking_uri(output_dir), profile.experiment)
+        local = tracking.default_tracking_uri(output_dir)
+        uri = tracking.setup_tracking(tracking_uri or local, profile.experiment,
+                                      fallback_uri=local if tracking_fallback else None)
+    if record is None and not nested:
+        record = RunRecord.start(output_dir, settings, uri, profile.experiment)
+    elif resume and uri != record.tracking_uri:  # fell back to a local store that does not hold the runs
+        raise ConfigError(f"--resume: the runs of {output_dir} are in {record.tracking_uri}, which is not reachable "
+                          "now; resume when it is")
     bundle = bundle_dir(profile.bundle)
     common = stage_common(profile, output_dir, seed, progress, device)
     tags = {"git_commit": tracking.git_commit(), "dataset": str(profile.common.get("dataset")), "seed": str(seed),
             "profile": profile.name, "bundle": profile.bundle}
     started = time.perf_counter()
     run_name = f"pipeline-{profile.name}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with tracking.stage_run(run_name, tags, nested=nested) as parent:
-        tracking.log_params({"profile": profile.name, "losses": losses, **common})
+    parent_id = record.parent_run_id if resume else None
+    with (tracking.stage_run(run_name, tags, nested=nested, run_id=parent_id) if main else nullcontext()) as parent:
+        if main and record is not None:
+            record.parent_run_id, record.resumes = parent.info.run_id, record.resumes + int(resume)
+            record.save()
+            if resume:
+                import mlflow
+
+                mlflow.set_tag("deepsim.resumes", str(record.resumes))
+        tracking.log_params({"profile": profile.name, "losses": losses, **common}, only_new=resume)
         tracking.log_artifact(profile.source, "config")
         _print(f"[deepsim] profile {profile.name!r}: {profile.description}")
-        prepare_and_pretrain(profile, common, losses, tags, bundle)
+        prepare_and_pretrain(profile, common, losses, tags, bundle, distributed, record)
         run_ids = {}
         for loss in losses:
             _print(f"[deepsim] 3/4 registration training: {loss}")
             run_ids[loss], _ = tracked_stage(f"registration-{loss}", "registration",
                                              registration_overrides(profile, common, loss),
                                              {**tags, "similarity": loss},
-                                             registration_artifacts(output_dir / "models", loss), bundle=bundle)
+                                             registration_artifacts(output_dir / "models", loss), bundle=bundle,
+                                             distributed=distributed, record=record)
+        if not main:
+            return None, uri
         _print("[deepsim] 4/4 evaluation on the held-out test pairs")
         eval_id, parser = tracked_stage("evaluation", "evaluate", {**common, "methods": ["identity", *losses]},
-                                        tags, [(output_dir / "report", "report")], bundle=bundle)
-        summary = parser.get_parsed_content("evaluate")
-        _log_test_metrics(summary, run_ids, eval_id)
+                                        tags, [(output_dir / "report", "report")], bundle=bundle, record=record)
+        if parser is None:  # finished before this --resume: its table is on disk, its metrics in MLflow
+            summary = _summary_on_disk(output_dir / "report" / "results.csv")
+        else:
+            summary = parser.get_parsed_content("evaluate")
+            _log_test_metrics(summary, run_ids, eval_id)
         tracking.log_metrics({"pipeline/wall_time_s": time.perf_counter() - started})
         _print(f"[deepsim] parent MLflow run: {parent.info.run_id}")
     return summary, uri
 
 
 def tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags: Mapping[str, str],
-                  artifacts: Sequence[tuple[Path, str]] = (), bundle: Path | None = None) -> tuple[str, Any]:
+                  artifacts: Sequence[tuple[Path, str]] = (), bundle: Path | None = None,
+                  distributed: bool = False, record: RunRecord | None = None) -> tuple[str, Any]:
     """Run one bundle stage inside a nested MLflow run: params, the merged stage config and ``artifacts`` logged.
 
     Returns ``(run_id, parser)``; ``parser`` is the stage's resolved config (read results with
-    ``parser.get_parsed_content(...)``).
+    ``parser.get_parsed_content(...)``). ``distributed``: see :func:`run_stage`; ranks other than 0 run the stage
+    untracked and return an empty run id.
+
+    ``record`` (a pipeline's :class:`~deepsim.run_record.RunRecord`) notes the stage's start and end. A stage it
+    marks finished is skipped (``parser`` None); one it marks started is continued: the same MLflow run, and the
+    bundle stage gets ``resume: true`` (its training restarts from ``models/<stage>.state.pt``).
     """
-    with tracking.stage_run(run_name, tags) as run:
-        tracking.log_params(overrides)
-        parser = run_stage(stage, overrides, bundle=bundle)
+    if record is not None and record.done(run_name):
+        _print(f"[deepsim] {run_name}: finished before, skipped (--resume)")
+        return record.run_id(run_name) or "", None
+    run_id = record.run_id(run_name) if record is not None else None
+    stage_overrides = {**overrides, "resume": True} if run_id is not None else overrides
+    if not is_main_process():
+        return "", run_stage(stage, stage_overrides, bundle=bundle, distributed=distributed)
+    with tracking.stage_run(run_name, tags, run_id=run_id) as run:
+        if record is not None:
+            record.stage_started(run_name, run.info.run_id)
+        tracking.log_params(overrides, only_new=run_id is not None)
+        parser = run_stage(stage, stage_overrides, bundle=bundle, distributed=distributed)
         tracking.log_dict(parser.get(), f"config/{stage}.json")
         for path, artifact_path in artifacts:
             tracking.log_artifact(path, artifact_path)
+    if record is not None:
+        record.stage_done(run_name)
     return run.info.run_id, parser
+
+
+def _summary_on_disk(results_csv: Path):
+    """The evaluation summary of a finished run, from its ``results.csv``."""
+    import pandas as pd
+
+    from deepsim.evaluation.summary import summarise
+
+    return summarise(pd.read_csv(results_csv))
 
 
 def _log_test_metrics(summary, run_ids: Mapping[str, str], evaluation_run_id: str) -> None:

@@ -13,13 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepsim.engine.distributed import unwrap
 from deepsim.errors import CheckpointError
 from deepsim.io import atomic_write
 from deepsim.features.networks import build_feature_net
 from deepsim.registration.network import RegistrationNet
 
 __all__ = ["BUILDERS", "build_network", "save_checkpoint", "load_checkpoint", "load_network", "feature_checkpoint_path",
-           "registration_checkpoint_path"]
+           "registration_checkpoint_path", "describe_mismatch"]
 
 BUILDERS: dict[str, Any] = {
     "feature_net": build_feature_net,
@@ -51,10 +52,13 @@ def _plain(value: Any) -> Any:
 
 
 def save_checkpoint(path: str | Path, network: nn.Module, builder: str, kwargs: dict, meta: dict | None = None) -> Path:
-    """Save ``network``'s weights with the call ``BUILDERS[builder](**kwargs)`` that rebuilds it."""
+    """Save ``network``'s weights with the call ``BUILDERS[builder](**kwargs)`` that rebuilds it.
+
+    A ``DistributedDataParallel`` wrapper is unwrapped first, so the keys never carry its ``module.`` prefix.
+    """
     if builder not in BUILDERS:
         raise ValueError(f"unknown builder {builder!r}; expected one of {sorted(BUILDERS)}")
-    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in unwrap(network).state_dict().items()}
     payload = {"format": 1, "builder": builder, "kwargs": _plain(dict(kwargs)), "state_dict": state,
                "meta": _plain(dict(meta or {}))}
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
@@ -68,10 +72,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt/unsafe files
-        raise CheckpointError(f"{path}: not a readable deepsim checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+        raise CheckpointError(f"{path}: not a readable deepsim checkpoint ({load_failure(exc)})") from exc
     if not isinstance(payload, dict) or payload.get("format") != 1 or payload.get("builder") not in BUILDERS:
         raise CheckpointError(f"{path}: not a deepsim checkpoint (missing format/builder fields)")
     return payload
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words (torch's own message runs over many lines)."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return "it holds pickled Python objects, which are never loaded: torch.load(weights_only=True)"
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
 
 
 def build_network(builder: str, kwargs: dict) -> nn.Module:
@@ -81,12 +94,41 @@ def build_network(builder: str, kwargs: dict) -> nn.Module:
     return BUILDERS[builder](**kwargs)
 
 
-def load_network(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the network stored in ``path`` and load its weights with ``strict=True``."""
+def describe_mismatch(network: nn.Module, state: dict) -> str:
+    """What differs between ``network``'s parameters and a state dict: missing, unexpected and reshaped tensors."""
+    own = network.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    reshaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing (first {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape (first {k}: {tuple(state[k].shape)} in the file, "
+                     f"{tuple(own[k].shape)} in the network)")
+    return "; ".join(parts) or "no difference in names or shapes"
+
+
+def load_network(path: str | Path, map_location: str | torch.device = "cpu", builder: str | None = None) -> nn.Module:
+    """Rebuild the network stored in ``path`` and load its weights with ``strict=True``.
+
+    ``builder``: the kind the caller needs (``"feature_net"``, ``"registration_net"``); a checkpoint of another kind
+    is a CheckpointError naming both.
+    """
     payload = load_checkpoint(path, map_location)
-    network = build_network(payload["builder"], payload["kwargs"])
+    if builder is not None and payload["builder"] != builder:
+        raise CheckpointError(f"{path}: a {payload['builder']} checkpoint, but a {builder} is needed here")
+    try:
+        network = build_network(payload["builder"], payload["kwargs"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild its {payload['builder']} from the stored arguments "
+                              f"({type(exc).__name__}: {exc})".splitlines()[0]) from exc
     try:
         network.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match the stored architecture ({str(exc).splitlines()[0]})") from exc
+        raise CheckpointError(f"{path}: weights do not match the stored architecture "
+                              f"({describe_mismatch(network, payload['state_dict'])})") from exc
     return network

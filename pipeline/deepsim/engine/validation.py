@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
+from deepsim.engine import distributed
 from deepsim.evaluation.dice import dice_per_label, mean_dice
 from deepsim.evaluation.evaluate import register_pair
 
@@ -18,6 +19,8 @@ class ValidationDice:
     """Register ``num_pairs`` validation pairs with the network being trained; store ``val/dice`` in the metrics.
 
     The validation split monitors training; model selection on held-out subjects belongs to the λ sweep.
+    Under DDP each rank registers its share of the pairs (pair ``i`` on rank ``i mod W``) and the Dice sums and
+    counts are all-reduced, so ``val/dice`` is the mean over all ``num_pairs``; only the main process logs it.
     """
 
     def __init__(self, datalist_path: str | Path, num_pairs: int = 4, split: str = "validation",
@@ -30,18 +33,19 @@ class ValidationDice:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def _load(self) -> list:
+        """This rank's validation pairs."""
         from deepsim.data.pairs import PairDataset
 
         dataset = PairDataset(self.datalist_path, self.split)
-        return [dataset[i] for i in range(min(self.num_pairs, len(dataset)))]
+        n = min(self.num_pairs, len(dataset))
+        return [dataset[i] for i in range(distributed.rank(), n, distributed.world_size())]
 
     @torch.no_grad()
     def __call__(self, engine: Engine) -> None:
         if self._pairs is None:
             self._pairs = self._load()
-        if not self._pairs:
-            return
-        network, device = engine.network, engine.state.device
+        # the DDP wrapper's forward would synchronise buffers with ranks that may hold fewer pairs
+        network, device = distributed.unwrap(engine.network), engine.state.device
         was_training = network.training
         network.eval()
         scores = []
@@ -49,7 +53,10 @@ class ValidationDice:
             warped = register_pair(network, pair, device)["warped_label"]
             scores.append(mean_dice(dice_per_label(torch.as_tensor(pair["fixed_label"]).to(warped.device), warped[0])))
         network.train(was_training)
-        metrics = {"val/dice": float(sum(scores) / len(scores))}
+        total, count = distributed.all_reduce_sum([sum(scores), len(scores)])
+        if not count:
+            return
+        metrics = {"val/dice": float(total / count)}
         engine.state.metrics.update(metrics)
-        if self.log_fn is not None:
+        if self.log_fn is not None and distributed.is_main_process():
             self.log_fn(metrics, engine.state.epoch)

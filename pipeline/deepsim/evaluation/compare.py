@@ -80,7 +80,8 @@ def peak_memory(fn: Callable[[], object]) -> tuple[object, float, float]:
 
 def available_methods(models_dir: Path) -> list[str]:
     """identity, the classical tools, then every trained loss found in ``models_dir``."""
-    trained = sorted(p.stem[len("registration_"):] for p in Path(models_dir).glob("registration_*.pt"))
+    trained = sorted(p.stem[len("registration_"):] for p in Path(models_dir).glob("registration_*.pt")
+                     if not p.name.endswith(".state.pt"))  # training-state files are not models
     return ["identity", *CLASSICAL_METHODS, *trained]
 
 
@@ -238,7 +239,7 @@ def plot_comparison(summary: pd.DataFrame, path: Path) -> Path:
         if column == "seconds":
             ax.set_xscale("log")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 

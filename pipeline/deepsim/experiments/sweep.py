@@ -55,7 +55,7 @@ def _lam_tag(lam: float) -> str:
 def _link_feature_nets(models_dir: Path, target: Path) -> None:
     """Give a per-λ models folder the shared pretrained feature nets (hard link, or copy across devices)."""
     target.mkdir(parents=True, exist_ok=True)
-    for src in models_dir.glob("feature_*.pt"):
+    for src in (f for f in models_dir.glob("feature_*.pt") if not f.name.endswith(".state.pt")):
         dst = target / src.name
         if not dst.exists():
             try:

@@ -23,6 +23,7 @@ import json
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +35,12 @@ from deepsim.errors import ConfigError, DatasetError
 from deepsim.evaluation.dice import dice_per_label, mean_dice
 from deepsim.evaluation.jacobian import folding_percent, jacobian_determinant, std_log_jacobian
 from deepsim.io import load_displacement, read_image, save_displacement, save_like, save_volume
-from deepsim.registration.geometry import (Grid, apply_affine, clamp_to_grid, grid_points, linear_part, sample_at,
-                                          working_grid)
+from deepsim.registration.geometry import (Grid, apply_affine, clamp_to_grid, grid_points, linear_part,
+                                          resample_onto, sample_at, working_grid)
 from deepsim.registration.model import RegistrationModel, resolve_model
 from deepsim.spatial import ddf_voxel_to_world, ddf_world_to_voxel
 
-__all__ = ["register_files", "apply_field", "NativeImage", "load_native", "normalise_intensity"]
+__all__ = ["register_files", "register_pairs", "apply_field", "NativeImage", "load_native", "normalise_intensity"]
 
 
 @dataclass
@@ -74,16 +75,17 @@ def load_native(path: str | Path, role: str) -> NativeImage:
 
 
 def normalise_intensity(image: NativeImage) -> np.ndarray:
-    """Intensities mapped to [0, 1] as in training: percentiles 0.5 and 99.5, clipped (MONAI's transform)."""
-    from monai.transforms import ScaleIntensityRangePercentiles
+    """Intensities mapped to [0, 1] as in training: percentiles 0.5 and 99.5 to 0 and 1, clipped.
 
+    The same map as MONAI's ``ScaleIntensityRangePercentiles(0.5, 99.5, 0, 1, clip=True)`` the training data went
+    through (tested equal), with the percentiles computed once instead of twice."""
     array = np.asarray(image.array, dtype=np.float32)
     lo, hi = np.percentile(array, [0.5, 99.5])
     if not hi > lo:
         raise DatasetError(f"{image.path}: the image is constant (or nearly: 99 % of voxels equal {lo:g}); "
                            "nothing to register")
-    scale = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
-    return np.asarray(scale(array[None]))[0]
+    out = (array - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _check_label(label: NativeImage, image: NativeImage) -> np.ndarray:
@@ -91,7 +93,10 @@ def _check_label(label: NativeImage, image: NativeImage) -> np.ndarray:
     if label.array.shape != image.array.shape or not np.allclose(label.affine, image.affine, atol=1e-3):
         raise DatasetError(f"{label.path}: label map grid {label.array.shape} does not match its image "
                            f"{image.path} {image.array.shape} (shape and affine must agree)")
-    return _integer_labels(label.array, f"{label.path}: label map has non-integer values")
+    values = _integer_labels(label.array, f"{label.path}: label map has non-integer values")
+    if not values.any():
+        raise DatasetError(f"{label.path}: the label map is empty (every voxel is 0); Dice needs labelled structures")
+    return values
 
 
 def _integer_labels(values: np.ndarray, message: str) -> np.ndarray:
@@ -187,11 +192,15 @@ def register_files(
     device = torch.device(device)
     if iterations < 0:
         raise ConfigError(f"--iterations must be >= 0, got {iterations}")
-    fixed_img, moving_img = load_native(fixed, "fixed image"), load_native(moving, "moving image")
+    # the two images are read and normalised side by side (gzip decompression and sorting release the GIL)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        reads = [pool.submit(load_native, fixed, "fixed image"), pool.submit(load_native, moving, "moving image")]
+        fixed_img, moving_img = (r.result() for r in reads)
     _check_pair(fixed_img, moving_img)
     fixed_lab = _check_label(load_native(fixed_label, "fixed label map"), fixed_img) if fixed_label else None
     moving_lab = _check_label(load_native(moving_label, "moving label map"), moving_img) if moving_label else None
-    fixed_norm, moving_norm = normalise_intensity(fixed_img), normalise_intensity(moving_img)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        fixed_norm, moving_norm = pool.map(normalise_intensity, (fixed_img, moving_img))
     net = model if isinstance(model, RegistrationModel) else resolve_model(model, device, similarity, tracking_uri,
                                                                            spacing_mm)
     _check_model(fixed_img, net)
@@ -212,10 +221,13 @@ def register_files(
     grid = working_grid(fixed_img.grid, net.spacing_mm, net.size_multiple)
     # padding beyond the fixed field of view repeats its border (in both images, through the same points): zeros
     # there would meet moving content and bias the field near the border
-    points = clamp_to_grid(grid_points(grid, device), fixed_img.grid)
     as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
-    f_work = sample_at(as_tensor(fixed_norm), fixed_img.affine, points)[None, None]
-    m_work = sample_at(as_tensor(moving_norm), moving_img.affine, apply_affine(to_moving, points))[None, None]
+    f_work = resample_onto(as_tensor(fixed_norm), fixed_img.affine, grid, box=fixed_img.grid)[None, None]
+    if affine:
+        points = clamp_to_grid(grid_points(grid, device, torch.float32), fixed_img.grid)
+        m_work = sample_at(as_tensor(moving_norm), moving_img.affine, apply_affine(to_moving, points))[None, None]
+    else:
+        m_work = resample_onto(as_tensor(moving_norm), moving_img.affine, grid, box=fixed_img.grid)[None, None]
     timings["resample_s"] = time.perf_counter() - t0
 
     # 3. the network's field, optionally refined on this pair
@@ -234,14 +246,16 @@ def register_files(
     # 4. the whole transform on the fixed image's own grid: x -> T(x + u(x)), u interpolated from the working grid
     t0 = time.perf_counter()
     with torch.no_grad():
-        u_mm = ddf_voxel_to_world(ddf.double(), torch.as_tensor(grid.affine))[0]
-        x = grid_points(fixed_img.grid, device)
-        u_at_x = sample_at(u_mm.float(), grid.affine, x).double()
-        target = apply_affine(to_moving, x + u_at_x)
-        ddf_fixed_mm = (target - x).float()
+        # float32 points: 2e-5 mm resolution over 300 mm, half the time and memory of float64 at 1 mm
+        u_mm = ddf_voxel_to_world(ddf.float(), torch.as_tensor(grid.affine))[0]
+        x = grid_points(fixed_img.grid, device, torch.float32)
+        target = x + resample_onto(u_mm, grid.affine, fixed_img.grid)
+        if affine:
+            target = apply_affine(to_moving, target)
+        ddf_fixed_mm = target - x
         warped = sample_at(as_tensor(moving_img.array.astype(np.float32)), moving_img.affine, target)
-        ddf_fixed_vox = ddf_world_to_voxel(ddf_fixed_mm[None].double(), torch.as_tensor(fixed_img.affine))
-        det = jacobian_determinant(ddf_fixed_vox)[0].float()
+        ddf_fixed_vox = ddf_world_to_voxel(ddf_fixed_mm[None], torch.as_tensor(fixed_img.affine))
+        det = jacobian_determinant(ddf_fixed_vox)[0]
         warped_lab = None
         if moving_lab is not None:
             warped_lab = sample_at(as_tensor(moving_lab), moving_img.affine, target, mode="nearest").cpu().numpy()
@@ -276,15 +290,20 @@ def register_files(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        written = {
-            "warped": save_like(staging / "warped.nii.gz", warped.cpu().numpy().astype(np.float32), fixed_img.header,
-                                fixed_img.affine),
-            "ddf_mm": save_displacement(staging / "ddf_mm.nii.gz", ddf_fixed_mm.cpu().numpy(), fixed_img.affine),
-            "jacobian_det": save_volume(staging / "jacobian_det.nii.gz", det.cpu().numpy(), fixed_img.affine),
+        writers = {
+            "warped": lambda: save_like(staging / "warped.nii.gz", warped.cpu().numpy().astype(np.float32),
+                                        fixed_img.header, fixed_img.affine),
+            "ddf_mm": lambda: save_displacement(staging / "ddf_mm.nii.gz", ddf_fixed_mm.cpu().numpy(),
+                                                fixed_img.affine),
+            "jacobian_det": lambda: save_volume(staging / "jacobian_det.nii.gz", det.cpu().numpy(), fixed_img.affine),
         }
         if warped_lab is not None:
-            written["warped_label"] = save_volume(staging / "warped_label.nii.gz", _label_dtype(warped_lab),
-                                                  fixed_img.affine)
+            writers["warped_label"] = lambda: save_volume(staging / "warped_label.nii.gz", _label_dtype(warped_lab),
+                                                          fixed_img.affine)
+        # two writers at a time: gzip compression (ISA-L) releases the GIL, so the files compress in parallel
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            futures = {name: pool.submit(write) for name, write in writers.items()}
+            written = {name: future.result() for name, future in futures.items()}
         if sitk_transform is not None:
             import SimpleITK as sitk
 
@@ -303,6 +322,85 @@ def register_files(
         return final
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+_PAIR_COLUMNS = ("fixed", "moving", "fixed_label", "moving_label", "name")
+
+
+def read_pairs(csv_path: str | Path) -> list[dict]:
+    """Rows of a pairs CSV (columns ``fixed``, ``moving``, optional ``fixed_label``, ``moving_label``, ``name``);
+    relative paths are relative to the CSV's folder. Every file is checked to exist before any work starts."""
+    import csv
+
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DatasetError(f"{csv_path}: file not found")
+    try:
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{csv_path}: not a readable CSV file ({exc})") from exc
+    missing, unknown = {"fixed", "moving"} - set(columns), set(columns) - set(_PAIR_COLUMNS)
+    if missing or unknown:
+        raise DatasetError(f"{csv_path}: columns must be fixed, moving[, fixed_label, moving_label, name]; "
+                           f"missing {sorted(missing)}, unknown {sorted(unknown)}")
+    if not rows:
+        raise DatasetError(f"{csv_path}: lists no pairs")
+    pairs, names = [], set()
+    for i, row in enumerate(rows, start=2):  # line numbers as an editor shows them (header = line 1)
+        pair = {"name": row.get("name") or f"pair_{i - 1:04d}"}
+        if pair["name"] in names or "/" in pair["name"] or pair["name"] in (".", ".."):
+            raise DatasetError(f"{csv_path}: line {i}: name {pair['name']!r} is repeated or not a folder name")
+        names.add(pair["name"])
+        for key in ("fixed", "moving", "fixed_label", "moving_label"):
+            if not row.get(key):
+                if key in ("fixed", "moving"):
+                    raise DatasetError(f"{csv_path}: line {i}: no {key} image")
+                continue
+            path = Path(row[key]).expanduser()
+            path = path if path.is_absolute() else csv_path.parent / path
+            if not path.is_file():
+                raise DatasetError(f"{csv_path}: line {i}: {key} {path} not found")
+            pair[key] = path
+        pairs.append(pair)
+    return pairs
+
+
+def register_pairs(csv_path: str | Path, out_dir: str | Path, model: str | Path | RegistrationModel | None = None,
+                   device: torch.device | str = "cpu", similarity: str | None = None,
+                   tracking_uri: str | None = None, spacing_mm: float | None = None, **options) -> list[dict]:
+    """Register every pair of a CSV (see :func:`read_pairs`) with one loaded model, each into ``out_dir/<name>``
+    (the outputs of :func:`register_files`), then write ``out_dir/registrations.csv`` (one row per pair: Dice,
+    folding, std log|J|, seconds). Loading the model and Python's start-up are paid once, not per pair.
+
+    ``options`` go to :func:`register_files` (``affine``, ``iterations``, ``learning_rate``, ``progress``).
+    Each pair's folder is written atomically; a pair that fails stops the run with its error, and the folders of
+    the pairs before it stay complete.
+    """
+    import pandas as pd
+
+    from deepsim.io import atomic_write
+
+    pairs = read_pairs(csv_path)
+    net = model if isinstance(model, RegistrationModel) else resolve_model(model, device, similarity, tracking_uri,
+                                                                           spacing_mm)
+    out_dir = Path(out_dir)
+    rows = []
+    for pair in pairs:
+        started = time.perf_counter()
+        written = register_files(pair["fixed"], pair["moving"], out_dir / pair["name"], model=net,
+                                 fixed_label=pair.get("fixed_label"), moving_label=pair.get("moving_label"),
+                                 device=device, **options)
+        report = json.loads(written["report"].read_text())
+        rows.append({"name": pair["name"], "fixed": str(pair["fixed"]), "moving": str(pair["moving"]),
+                     **{k: report.get(k) for k in ("dice_before", "dice_after_affine", "dice_after", "folding_pct",
+                                                   "std_log_jacobian")},
+                     "seconds": time.perf_counter() - started})
+    table = pd.DataFrame(rows)
+    atomic_write(out_dir / "registrations.csv", lambda tmp: table.to_csv(tmp, index=False))
+    return rows
 
 
 def _label_dtype(labels: np.ndarray) -> np.ndarray:

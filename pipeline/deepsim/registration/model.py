@@ -67,7 +67,8 @@ def default_model_dir() -> Path:
 
 def _from_folder(folder: Path, similarity: str | None) -> Path:
     for candidate in (folder, folder / "models"):
-        found = sorted(candidate.glob("registration_*.pt"))
+        # training-state files (registration_<loss>.state.pt, for --resume) are not models
+        found = sorted(f for f in candidate.glob("registration_*.pt") if not f.name.endswith(".state.pt"))
         if not found:
             continue
         if similarity is not None:

@@ -78,7 +78,8 @@ def build_objective(
 
         if models_dir is None:
             raise ValueError(f"similarity {similarity!r} needs models_dir holding the pretrained feature net")
-        feature_net = load_network(feature_checkpoint_path(models_dir, kind), map_location=device).to(device)
+        feature_net = load_network(feature_checkpoint_path(models_dir, kind), map_location=device,
+                                   builder="feature_net").to(device)
     sim = build_similarity(similarity, spatial_dims, feature_net=feature_net, label_values=label_values,
                            **similarity_kwargs)
     return RegistrationObjective(sim, regularization_weight).to(device)
