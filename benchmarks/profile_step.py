@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,6 @@ from deepsim.engine.tasks import RegistrationTask  # noqa: E402
 from deepsim.engine.trainer import autocast  # noqa: E402
 from deepsim.registration.objective import RegistrationObjective  # noqa: E402
 from deepsim.registration.similarity import LocalNCCLoss  # noqa: E402
-from deepsim.spatial import warp_image  # noqa: E402
 
 
 def bare_loop(size, device, steps: int, warmup: int, read_loss: bool) -> float:

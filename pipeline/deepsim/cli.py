@@ -385,7 +385,7 @@ def _register(args: argparse.Namespace) -> int:
                               iterations=args.iterations, learning_rate=args.learning_rate,
                               progress=not args.no_progress)
         for row in rows:
-            dice = f"Dice {row['dice_before']:.4f} -> {row['dice_after']:.4f}; " if row["dice_after"] is not None else ""
+            dice = "" if row["dice_after"] is None else f"Dice {row['dice_before']:.4f} -> {row['dice_after']:.4f}; "
             print(f"{row['name']}: {dice}folding {row['folding_pct']:.4f} %; {row['seconds']:.2f} s")
         print(f"{len(rows)} pairs registered into {args.out} (summary: {args.out / 'registrations.csv'})")
         return 0
