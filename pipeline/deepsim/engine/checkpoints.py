@@ -7,6 +7,7 @@ builders from :data:`BUILDERS`; the state dict is loaded with ``strict=True``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from deepsim.features.networks import build_feature_net
 from deepsim.registration.network import RegistrationNet
 
 __all__ = ["BUILDERS", "build_network", "save_checkpoint", "load_checkpoint", "load_network", "feature_checkpoint_path",
-           "registration_checkpoint_path", "describe_mismatch"]
+           "registration_checkpoint_path", "describe_mismatch", "plain_values"]
 
 BUILDERS: dict[str, Any] = {
     "feature_net": build_feature_net,
@@ -38,12 +39,14 @@ def registration_checkpoint_path(models_dir: str | Path, similarity: str) -> Pat
     return Path(models_dir) / f"registration_{similarity}.pt"
 
 
-def _plain(value: Any) -> Any:
-    """Reduce a value to what ``torch.load(weights_only=True)`` accepts: numbers, strings, lists, dicts."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+def plain_values(value: Any) -> Any:
+    """Reduce a value to what ``torch.load(weights_only=True)`` accepts and JSON holds: numbers, strings, lists,
+    dicts (0-d tensors and NumPy scalars become numbers, anything else its string). The same value survives a
+    save/load round trip, so settings stored this way compare equal to freshly reduced ones."""
+    if isinstance(value, Mapping):
+        return {str(k): plain_values(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_values(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
@@ -59,8 +62,8 @@ def save_checkpoint(path: str | Path, network: nn.Module, builder: str, kwargs: 
     if builder not in BUILDERS:
         raise ValueError(f"unknown builder {builder!r}; expected one of {sorted(BUILDERS)}")
     state = {k: v.detach().cpu() for k, v in unwrap(network).state_dict().items()}
-    payload = {"format": 1, "builder": builder, "kwargs": _plain(dict(kwargs)), "state_dict": state,
-               "meta": _plain(dict(meta or {}))}
+    payload = {"format": 1, "builder": builder, "kwargs": plain_values(dict(kwargs)),
+               "state_dict": state, "meta": plain_values(dict(meta or {}))}
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 

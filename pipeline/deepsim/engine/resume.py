@@ -33,7 +33,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch.utils.data import DataLoader, SequentialSampler, Subset
 
-from deepsim.engine.checkpoints import describe_mismatch, load_failure
+from deepsim.engine.checkpoints import describe_mismatch, load_failure, plain_values
 from deepsim.engine.distributed import is_main_process, unwrap
 from deepsim.errors import CheckpointError, ConfigError
 from deepsim.io import atomic_write
@@ -184,7 +184,7 @@ class TrainingState:
         self.path = state_path(checkpoint)
         self.every, self.resume = int(every), _flag(resume, "resume")
         self.stateful = {k: v for k, v in (stateful or {}).items() if v is not None}
-        self.fingerprint = {str(k): _plain(v) for k, v in (fingerprint or {}).items()}
+        self.fingerprint = plain_values(dict(fingerprint or {}))
         self.loader: ResumableLoader | None = None
         self.resumed_from: int | None = None
 
@@ -276,14 +276,3 @@ def _flag(value: Any, name: str) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     raise ConfigError(f"{name} must be true or false, got {value!r}")
-
-
-def _plain(value: Any) -> Any:
-    """Settings as plain JSON-like values, comparable after a save/load round trip."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)

@@ -47,6 +47,11 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 PRECISIONS = ("fp32", "bf16")
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 def autocast(device: torch.device | str, precision: str = "fp32"):
     """The autocast context of ``precision``: bf16 on CUDA for "bf16", plain fp32 otherwise (CPU ignores "bf16").
 
@@ -54,8 +59,7 @@ def autocast(device: torch.device | str, precision: str = "fp32"):
     cosine similarities: see :class:`~deepsim.registration.network.RegistrationNet` and
     :mod:`deepsim.registration.similarity`).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    _check_precision(precision)
     device = torch.device(device)
     enabled = precision == "bf16" and device.type == "cuda"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -72,8 +76,7 @@ class TaskIteration:
                  precision: str = "fp32"):
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        _check_precision(precision)  # at construction, not at the first step
         self.task = task
         self.accumulation_steps = accumulation_steps
         self.precision = precision
@@ -233,8 +236,8 @@ def speed_up(network: nn.Module, channels_last: bool = False, compile: bool = Fa
 
     ``channels_last``: store conv weights channels-last (NDHWC), the layout of cuDNN's fastest bf16 kernels.
     ``compile``: ``torch.compile`` the module in place (``nn.Module.compile``: state-dict keys are unchanged, so
-    checkpoints stay plain). Both default off: neither helps on the CPU (``benchmarks/speed.py`` measures them).
-    """
+    checkpoints stay plain). Both default off; ``benchmarks/speed.py`` measures them on a GPU (results in
+    ``benchmarks/results/speed_gpu.md``)."""
     if channels_last:
         three_d = any(p.ndim == 5 for p in network.parameters())
         network = network.to(memory_format=torch.channels_last_3d if three_d else torch.channels_last)

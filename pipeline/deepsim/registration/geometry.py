@@ -170,23 +170,27 @@ def voxel_correspondence(image_affine: np.ndarray, grid: Grid, tol: float = 1e-4
     return [(int(axes[j]), int(signs[axes[j], j]), int(round(shift[axes[j]]))) for j in range(ndim)]
 
 
-def resample_onto(image: torch.Tensor, affine: np.ndarray, grid: Grid, box: Grid | None = None) -> torch.Tensor:
+def resample_onto(image: torch.Tensor, affine: np.ndarray, grid: Grid, box: Grid | None = None,
+                  transform: np.ndarray | None = None) -> torch.Tensor:
     """``image`` (*S) or (C, *S) with voxel -> world ``affine``, resampled linearly onto ``grid``: (*G) or (C, *G).
 
     Equal to :func:`sample_at` at the grid's points (0 outside the image); with ``box``, grid points outside the
     box grid's voxel-centre box are first moved onto its nearest face (:func:`clamp_to_grid`: border replication of
-    the box's field of view). When the grid's voxels coincide with the image's and the box's
-    (:func:`voxel_correspondence`: the common case of 1 mm images and a 1 mm model) linear interpolation is an exact
-    copy, done by index gathers, about ten times faster on a 1 mm brain; every other geometry goes through
+    the box's field of view); with ``transform`` (4x4 world -> world, e.g. an affine pre-alignment) the image is
+    read at the transformed points. When there is no transform and the grid's voxels coincide with the image's and
+    the box's (:func:`voxel_correspondence`: the common case of 1 mm images and a 1 mm model) linear interpolation is
+    an exact copy, done by index gathers, about ten times faster on a 1 mm brain; every other geometry goes through
     :func:`sample_at`.
     """
     ndim = grid.ndim
     channels = image.ndim == ndim + 1
-    match = voxel_correspondence(affine, grid)
+    match = voxel_correspondence(affine, grid) if transform is None else None
     box_match = voxel_correspondence(box.affine, grid) if box is not None else None
     if match is None or (box is not None and box_match is None):
         points = grid_points(grid, image.device, torch.float32)
-        return sample_at(image, affine, clamp_to_grid(points, box) if box is not None else points)
+        if box is not None:
+            points = clamp_to_grid(points, box)
+        return sample_at(image, affine, points if transform is None else apply_affine(transform, points))
     out = image.float() if channels else image.float()[None]
     out = out.permute(0, *[1 + axis for axis, _, _ in match])  # image axes in grid-axis order
     keep = None

@@ -35,8 +35,8 @@ from deepsim.errors import ConfigError, DatasetError
 from deepsim.evaluation.dice import dice_per_label, mean_dice
 from deepsim.evaluation.jacobian import folding_percent, jacobian_determinant, std_log_jacobian
 from deepsim.io import load_displacement, read_image, save_displacement, save_like, save_volume
-from deepsim.registration.geometry import (Grid, apply_affine, clamp_to_grid, grid_points, linear_part,
-                                          resample_onto, sample_at, working_grid)
+from deepsim.registration.geometry import (Grid, apply_affine, grid_points, linear_part, resample_onto, sample_at,
+                                          working_grid)
 from deepsim.registration.model import RegistrationModel, resolve_model
 from deepsim.spatial import ddf_voxel_to_world, ddf_world_to_voxel
 
@@ -192,14 +192,13 @@ def register_files(
     device = torch.device(device)
     if iterations < 0:
         raise ConfigError(f"--iterations must be >= 0, got {iterations}")
-    # the two images are read and normalised side by side (gzip decompression and sorting release the GIL)
+    # the two images are read and normalised side by side (gzip decompression and sorting release the GIL); the
+    # fixed image's errors come first, as map returns its results in order
     with ThreadPoolExecutor(max_workers=2) as pool:
-        reads = [pool.submit(load_native, fixed, "fixed image"), pool.submit(load_native, moving, "moving image")]
-        fixed_img, moving_img = (r.result() for r in reads)
-    _check_pair(fixed_img, moving_img)
-    fixed_lab = _check_label(load_native(fixed_label, "fixed label map"), fixed_img) if fixed_label else None
-    moving_lab = _check_label(load_native(moving_label, "moving label map"), moving_img) if moving_label else None
-    with ThreadPoolExecutor(max_workers=2) as pool:
+        fixed_img, moving_img = pool.map(load_native, (fixed, moving), ("fixed image", "moving image"))
+        _check_pair(fixed_img, moving_img)
+        fixed_lab = _check_label(load_native(fixed_label, "fixed label map"), fixed_img) if fixed_label else None
+        moving_lab = _check_label(load_native(moving_label, "moving label map"), moving_img) if moving_label else None
         fixed_norm, moving_norm = pool.map(normalise_intensity, (fixed_img, moving_img))
     net = model if isinstance(model, RegistrationModel) else resolve_model(model, device, similarity, tracking_uri,
                                                                            spacing_mm)
@@ -223,11 +222,8 @@ def register_files(
     # there would meet moving content and bias the field near the border
     as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
     f_work = resample_onto(as_tensor(fixed_norm), fixed_img.affine, grid, box=fixed_img.grid)[None, None]
-    if affine:
-        points = clamp_to_grid(grid_points(grid, device, torch.float32), fixed_img.grid)
-        m_work = sample_at(as_tensor(moving_norm), moving_img.affine, apply_affine(to_moving, points))[None, None]
-    else:
-        m_work = resample_onto(as_tensor(moving_norm), moving_img.affine, grid, box=fixed_img.grid)[None, None]
+    m_work = resample_onto(as_tensor(moving_norm), moving_img.affine, grid, box=fixed_img.grid,
+                           transform=to_moving if affine else None)[None, None]
     timings["resample_s"] = time.perf_counter() - t0
 
     # 3. the network's field, optionally refined on this pair

@@ -183,8 +183,9 @@ class DeepSimLoss(nn.Module):
     def _fixed_features(self, fixed: torch.Tensor) -> list[torch.Tensor]:
         """Features of the fixed image, computed once per fixed tensor: instance optimisation calls the loss many
         times with the same (unchanged) fixed image; training passes a new tensor every step."""
-        key = (id(fixed), fixed._version, fixed.shape, fixed.device, torch.is_autocast_enabled(fixed.device.type))
-        if getattr(self, "_cache_key", None) != key or self._cache_ref is not fixed:
+        # the same tensor object, not changed in place since (its version counter), under the same autocast state
+        key = (fixed._version, torch.is_autocast_enabled(fixed.device.type))
+        if getattr(self, "_cache_ref", None) is not fixed or self._cache_key != key:
             with torch.no_grad():
                 self._cache_feats = self._select(self.feature_net.features(fixed))
             self._cache_key, self._cache_ref = key, fixed
