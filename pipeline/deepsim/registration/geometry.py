@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-__all__ = ["Grid", "working_grid", "grid_points", "apply_affine", "clamp_to_grid", "sample_at", "linear_part",
-           "resample_onto", "voxel_correspondence"]
+__all__ = ["Grid", "homogeneous", "working_grid", "grid_points", "apply_affine", "clamp_to_grid", "sample_at",
+           "linear_part", "resample_onto", "voxel_correspondence"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def linear_part(affine: np.ndarray, ndim: int) -> np.ndarray:
     return np.asarray(affine, dtype=np.float64)[:ndim, :ndim]
 
 
-def _homogeneous(affine: np.ndarray, ndim: int) -> np.ndarray:
+def homogeneous(affine: np.ndarray, ndim: int) -> np.ndarray:
     """(ndim+1, ndim+1) affine from a 4x4 one: linear block and translation of the first ``ndim`` axes."""
     out = np.eye(ndim + 1)
     out[:ndim, :ndim] = linear_part(affine, ndim)
@@ -58,7 +58,7 @@ def working_grid(fixed: Grid, spacing_mm: float | Sequence[float], multiple: int
     ndim = fixed.ndim
     spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (ndim,))
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in fixed.shape], indexing="ij")).reshape(ndim, -1)
-    world = _homogeneous(fixed.affine, ndim) @ np.vstack([corners, np.ones(corners.shape[1])])
+    world = homogeneous(fixed.affine, ndim) @ np.vstack([corners, np.ones(corners.shape[1])])
     lo, hi = world[:ndim].min(axis=1), world[:ndim].max(axis=1)
     n = np.floor((hi - lo) / spacing + 1e-6).astype(int) + 1
     n = (np.ceil(n / multiple) * multiple).astype(int)
@@ -78,17 +78,17 @@ def grid_points(grid: Grid, device: torch.device | str = "cpu", dtype: torch.dty
     ndim = grid.ndim
     axes = [torch.arange(n, dtype=dtype, device=device) for n in grid.shape]
     index = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
-    return apply_affine(torch.as_tensor(_homogeneous(grid.affine, ndim), device=device), index)
+    return apply_affine(torch.as_tensor(homogeneous(grid.affine, ndim), device=device), index)
 
 
 def clamp_to_grid(points: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Move world points (ndim, *P) outside ``grid``'s voxel-centre box onto its nearest face (border replication)."""
     ndim = grid.ndim
-    to_voxel = torch.as_tensor(np.linalg.inv(_homogeneous(grid.affine, ndim)), device=points.device)
+    to_voxel = torch.as_tensor(np.linalg.inv(homogeneous(grid.affine, ndim)), device=points.device)
     voxel = apply_affine(to_voxel, points)
     upper = torch.tensor([n - 1 for n in grid.shape], dtype=voxel.dtype, device=voxel.device)
     voxel = torch.minimum(voxel.clamp_min(0), upper.view(-1, *[1] * (voxel.ndim - 1)))
-    return apply_affine(torch.as_tensor(_homogeneous(grid.affine, ndim), device=points.device), voxel)
+    return apply_affine(torch.as_tensor(homogeneous(grid.affine, ndim), device=points.device), voxel)
 
 
 def apply_affine(matrix: torch.Tensor | np.ndarray, points: torch.Tensor) -> torch.Tensor:
@@ -97,7 +97,7 @@ def apply_affine(matrix: torch.Tensor | np.ndarray, points: torch.Tensor) -> tor
     dtype = points.dtype if points.is_floating_point() else torch.float64
     m = torch.as_tensor(matrix, device=points.device)
     if m.shape == (4, 4) and ndim == 2:
-        m = torch.as_tensor(_homogeneous(m.cpu().numpy(), 2), device=points.device)
+        m = torch.as_tensor(homogeneous(m.cpu().numpy(), 2), device=points.device)
     m = m.to(dtype)
     # one BLAS product (addmm) over the flattened points: several times faster than einsum on a 1 mm brain grid
     flat = torch.addmm(m[:ndim, ndim:], m[:ndim, :ndim], points.to(dtype).reshape(ndim, -1))
@@ -117,7 +117,7 @@ def sample_at(image: torch.Tensor, affine: np.ndarray, points: torch.Tensor, mod
     channels = image.ndim == ndim + 1
     if image.ndim not in (ndim, ndim + 1):
         raise ValueError(f"image has {image.ndim} axes, points have {ndim} coordinates")
-    world_to_voxel = torch.as_tensor(np.linalg.inv(_homogeneous(affine, ndim)), device=points.device)
+    world_to_voxel = torch.as_tensor(np.linalg.inv(homogeneous(affine, ndim)), device=points.device)
     spatial = image.shape[1:] if channels else image.shape
     if mode == "nearest":
         return _nearest(image, apply_affine(world_to_voxel, points.double()), spatial, channels)
@@ -159,7 +159,7 @@ def voxel_correspondence(image_affine: np.ndarray, grid: Grid, tol: float = 1e-4
     flipped, whole-voxel offset), return per grid axis ``(image axis, sign, offset)`` with image index
     ``sign * i + offset``; else None."""
     ndim = grid.ndim
-    m = np.linalg.inv(_homogeneous(image_affine, ndim)) @ _homogeneous(grid.affine, ndim)  # grid -> image voxels
+    m = np.linalg.inv(homogeneous(image_affine, ndim)) @ homogeneous(grid.affine, ndim)  # grid -> image voxels
     linear, shift = m[:ndim, :ndim], m[:ndim, ndim]
     signs = np.round(linear)
     if not np.allclose(linear, signs, atol=tol) or not np.allclose(shift, np.round(shift), atol=tol):
