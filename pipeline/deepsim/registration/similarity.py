@@ -73,10 +73,18 @@ class MSELoss(nn.Module):
 def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     """Mean over the ``window``^d box around every voxel, zeros outside: (B, C, *S) -> (B, C, *S).
 
-    Separable: one 1D average pool per axis (``count_include_pad``, so the border divides by the full window,
-    as a zero-padded box convolution does): 3 x ``window`` reads per voxel instead of ``window``^3.
+    Separable, dividing by the full window at the border as a zero-padded box convolution does. On a GPU: one 1D
+    average pool per axis (``count_include_pad``), 3 x ``window`` reads per voxel instead of ``window``^3. On the
+    CPU, where PyTorch's 3D pools are slow, shifted sums (:func:`deepsim.registration.filters.filter_axis`) compute
+    the same numbers 2-3 times faster (forward and backward, 80×96×80, measured on our 2-core machine).
     """
     ndim = x.ndim - 2
+    if x.device.type == "cpu":
+        from deepsim.registration.filters import filter_axis
+
+        for axis in range(ndim):
+            x = filter_axis(x, [1.0 / window] * window, axis, padding="zeros")
+        return x
     pool = F.avg_pool3d if ndim == 3 else F.avg_pool2d
     for axis in range(ndim):
         kernel, padding = [1] * ndim, [0] * ndim
