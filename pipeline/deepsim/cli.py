@@ -132,18 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the command(s) that produced the results, for the header")
     rg = sub.add_parser(
         "register",
-        help="register your own moving image to a fixed image with a trained model",
-        description="Register MOVING to FIXED (NIfTI, 2D or 3D, any size, spacing and orientation). Both are "
-        "resampled to the model's training spacing (RAS), padded to a size the network accepts, registered, and "
-        "the result is mapped back onto the fixed image's own grid. Writes into --out: warped.nii.gz (fixed "
-        "grid, affine and header), ddf_mm.nii.gz (the whole transform as a displacement field in mm, LPS "
-        "components: ITK's DisplacementFieldTransform, SimpleITK and ANTs apply it), jacobian_det.nii.gz, "
-        "warped_label.nii.gz (with --moving-label), affine.tfm (with --affine) and registration.json (Dice "
-        "before/after with both label maps, folding %%, std log|J|, timings). Nothing is written if any step fails.",
+        help="register your own moving image to a fixed image (affine + network + instance optimisation)",
+        description="Register MOVING to FIXED (NIfTI, 2D or 3D, any size, spacing and orientation). By default the "
+        "accurate path: an affine stage (torch: centre-of-mass start, pyramid, global NCC or MI), the model's "
+        "predicted field on a working grid at its training spacing (RAS), then instance optimisation of a "
+        "diffeomorphic transform on the pair (coarse-to-fine, greedy compositive updates, the model's loss). "
+        "--network-only gives the network's prediction alone (fastest), --no-network the classical path. The "
+        "result is mapped back onto the fixed image's own grid. Writes into --out: warped.nii.gz (fixed grid, "
+        "affine and header), ddf_mm.nii.gz (the whole transform as a displacement field in mm, LPS components: "
+        "ITK's DisplacementFieldTransform, SimpleITK and ANTs apply it), jacobian_det.nii.gz, warped_label.nii.gz "
+        "(with --moving-label), affine.tfm (the affine stage, ITK format) and registration.json (Dice "
+        "before/after with both label maps, folding %%, std log|J|, stages, timings). Nothing is written if any "
+        "step fails.",
         epilog="examples:\n"
         "  deepsim register --fixed sub-01_T1w.nii.gz --moving sub-02_T1w.nii.gz --out reg/   # shipped brain model\n"
-        "  deepsim register --fixed F.nii.gz --moving M.nii.gz --fixed-label FL.nii.gz --moving-label ML.nii.gz \\\n"
-        "      --affine --iterations 50 --out reg/\n"
+        "  deepsim register --fixed F.nii.gz --moving M.nii.gz --fixed-label FL.nii.gz --moving-label ML.nii.gz "
+        "--out reg/\n"
+        "  deepsim register --fixed F.nii.gz --moving M.nii.gz --network-only --out reg/   # network alone, fastest\n"
+        "  deepsim register --fixed F.nii.gz --moving M.nii.gz --no-network --loss mind --affine-metric mi "
+        "--out reg/   # other contrast\n"
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --model deepsim_output --similarity mse --out reg/\n"
         "  deepsim register --pairs pairs.csv --out reg/        # many pairs, model loaded once\n"
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --model runs:/<run_id> --tracking-uri "
@@ -165,32 +172,52 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--similarity", default=None,
                     help="which model of a folder/run holding several (e.g. mse, deepsim-seg)")
     rg.add_argument("--spacing", type=float, default=None, metavar="MM",
-                    help="the model's training voxel spacing, for checkpoints that do not record it")
+                    help="the model's training voxel spacing, for checkpoints that do not record it (with "
+                    "--no-network: the spacing of the grid the optimisation runs on; default the fixed image's)")
     rg.add_argument("--out", type=Path, required=True, help="output folder")
-    rg.add_argument("--affine", action="store_true",
-                    help="affine pre-alignment first (SimpleITK, Mattes MI, 3D only), composed into ddf_mm.nii.gz")
-    rg.add_argument("--iterations", type=int, default=0,
-                    help="instance optimisation: refine the field on this pair for N Adam steps with the model's own "
-                    "loss (default 0: the network's prediction as is)")
-    rg.add_argument("--learning-rate", type=float, default=0.1, help="instance optimisation step size (voxels)")
+    stages = rg.add_argument_group("stages (default: affine, network, instance optimisation)")
+    stages.add_argument("--affine", dest="affine", action="store_true", default=True,
+                        help="the affine stage (the default; kept for old command lines)")
+    stages.add_argument("--no-affine", dest="affine", action="store_false",
+                        help="skip the affine stage: the images are already aligned in world space")
+    stages.add_argument("--affine-metric", choices=["ncc", "mi"], default="ncc",
+                        help="affine metric: global NCC (same contrast) or mutual information (different contrasts)")
+    stages.add_argument("--no-network", dest="network", action="store_false", default=True,
+                        help="skip the network: affine + instance optimisation from the identity (classical)")
+    stages.add_argument("--network-only", action="store_true",
+                        help="the network's prediction alone: no affine stage, no instance optimisation (fastest; "
+                        "needs images roughly aligned like the model's training pairs)")
+    stages.add_argument("--iterations", type=int, nargs="+", default=[50, 30, 20], metavar="N",
+                        help="instance optimisation steps per pyramid level (shrink 4, 2, 1), or one number for "
+                        "all levels; each level also stops on a loss plateau; 0: no instance optimisation")
+    stages.add_argument("--loss", default=None,
+                        choices=["ncc", "mse", "mind", "nmi", "deepsim-ae", "deepsim-seg"],
+                        help="instance optimisation loss (default: the model's own; deepsim-* need the model's "
+                        "feature net beside it; mind or nmi for different contrasts)")
+    stages.add_argument("--learning-rate", type=float, default=0.5,
+                        help="instance optimisation: the longest step, in voxels of each level")
     rg.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     rg.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --model runs:/<id>")
     rg.add_argument("--no-progress", action="store_true", help="hide progress bars")
     cp = sub.add_parser(
         "compare",
-        help="compare our trained models with ANTs SyN and elastix on the same test pairs",
+        help="compare our stages with ANTs SyN, elastix and FireANTs on the same test pairs",
         description="Register the held-out test pairs of a `deepsim run` output folder with the identity, ANTs SyN "
-        "(antspyx), elastix B-spline (itk-elastix) and every trained registration model in it, score all with the "
-        "same code (Dice and Dice per label group, HD95, folding, std log|J|, time per pair, peak memory, Wilcoxon "
-        "against the best), log one nested MLflow run per method and write compare.md, results.csv and "
-        "compare.png. The classical tools are an optional extra: pip install \".[compare]\" from the repository "
-        "(antspyx==0.6.3, itk-elastix==0.25.4).",
+        "(antspyx), elastix B-spline (itk-elastix), FireANTs, our stages (affine; affine+io; every trained network "
+        "alone; <loss>+io: affine, network, instance optimisation) and score all with the same code (Dice and Dice "
+        "per label group, HD95, folding, std log|J|, time per pair, peak memory, Wilcoxon against the best), log "
+        "one nested MLflow run per method and write compare.md, results.csv and compare.png. The classical tools "
+        "are an optional extra: pip install \".[compare]\" from the repository (antspyx==0.6.3, "
+        "itk-elastix==0.25.4, fireants==1.5.0).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     cp.add_argument("--from", dest="run_dir", type=Path, default=Path("deepsim_output"),
                     help="a `deepsim run` output folder (data/ and models/)")
     cp.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                    help="subset of: identity ants-syn elastix-bspline <trained losses> (default: all found)")
+                    help="subset of: identity ants-syn elastix-bspline fireants affine affine+io <loss> <loss>+io "
+                    "for each trained loss (default: all of these); also affine+<loss> (affine, then the network) "
+                    "and <net>+io-<loss> / affine+io-<loss> (another instance optimisation loss: ncc, mse, mind, nmi, "
+                    "deepsim-ae, deepsim-seg)")
     cp.add_argument("--max-pairs", type=int, default=None, help="only the first N test pairs (quick checks)")
     cp.add_argument("--table", type=Path, default=None,
                     help="also copy the Markdown report here (e.g. benchmarks/results/compare_brain_mri_cpu.md)")
@@ -371,6 +398,18 @@ def _compare(args: argparse.Namespace, command: list[str]) -> int:
     return _uploads_done()
 
 
+def _register_stages(args: argparse.Namespace) -> dict:
+    """The stage options of ``deepsim register`` as keyword arguments of ``register_files``."""
+    from deepsim.errors import ConfigError
+
+    if args.network_only and not args.network:
+        raise ConfigError("--network-only and --no-network exclude each other")
+    if args.network_only:
+        return {"affine": False, "network": True, "iterations": 0}
+    return {"affine": args.affine, "network": args.network, "iterations": args.iterations, "loss": args.loss,
+            "learning_rate": args.learning_rate, "affine_metric": args.affine_metric}
+
+
 def _register(args: argparse.Namespace) -> int:
     import json
 
@@ -381,8 +420,7 @@ def _register(args: argparse.Namespace) -> int:
         if args.fixed or args.moving or args.fixed_label or args.moving_label:
             raise ConfigError("--pairs replaces --fixed/--moving/--fixed-label/--moving-label; give one or the other")
         rows = register_pairs(args.pairs, args.out, model=args.model, device=args.device, similarity=args.similarity,
-                              tracking_uri=args.tracking_uri, spacing_mm=args.spacing, affine=args.affine,
-                              iterations=args.iterations, learning_rate=args.learning_rate,
+                              tracking_uri=args.tracking_uri, spacing_mm=args.spacing, **_register_stages(args),
                               progress=not args.no_progress)
         for row in rows:
             dice = "" if row["dice_after"] is None else f"Dice {row['dice_before']:.4f} -> {row['dice_after']:.4f}; "
@@ -392,9 +430,8 @@ def _register(args: argparse.Namespace) -> int:
     if args.fixed is None or args.moving is None:
         raise ConfigError("deepsim register needs --fixed and --moving (or --pairs CSV)")
     written = register_files(args.fixed, args.moving, args.out, model=args.model, fixed_label=args.fixed_label,
-                             moving_label=args.moving_label, affine=args.affine, iterations=args.iterations,
-                             learning_rate=args.learning_rate, device=args.device, similarity=args.similarity,
-                             tracking_uri=args.tracking_uri, spacing_mm=args.spacing,
+                             moving_label=args.moving_label, device=args.device, similarity=args.similarity,
+                             tracking_uri=args.tracking_uri, spacing_mm=args.spacing, **_register_stages(args),
                              progress=not args.no_progress)
     report = json.loads(written["report"].read_text())
     for name, path in written.items():

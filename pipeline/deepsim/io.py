@@ -12,8 +12,8 @@ from isal import igzip
 
 from deepsim.errors import DatasetError
 
-__all__ = ["atomic_write", "load_displacement", "load_volume", "read_image", "save_displacement", "save_like",
-           "save_volume"]
+__all__ = ["atomic_write", "load_displacement", "load_volume", "read_image", "save_displacement", "save_itk_affine",
+           "save_like", "save_volume"]
 
 
 def atomic_write(path: str | Path, write) -> Path:
@@ -171,3 +171,20 @@ def load_displacement(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(f"{path}: contains NaN or infinite displacements")
     ddf[:2] *= -1.0  # LPS -> RAS components
     return ddf, img.affine
+
+
+def save_itk_affine(path: str | Path, matrix: np.ndarray, ndim: int = 3) -> Path:
+    """Write a world -> world affine (4x4, RAS, mm; 2D: top-left 2x2 and translation) as an ITK transform file.
+
+    ITK's text format (``.tfm``/``.txt``), read by SimpleITK's ``ReadTransform``, ANTs and 3D Slicer: an
+    ``AffineTransform_double_<n>_<n>`` in LPS (x and y negated on both sides), centre 0. Written without
+    SimpleITK (the GPU path has none); tests/test_register.py reads it back with SimpleITK.
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    flip = np.diag([-1.0, -1.0, 1.0][:ndim])
+    linear = flip @ m[:ndim, :ndim] @ flip
+    shift = flip @ m[:ndim, 3]
+    numbers = " ".join(repr(float(v)) for v in [*linear.ravel(), *shift])
+    text = (f"#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_{ndim}_{ndim}\n"
+            f"Parameters: {numbers}\nFixedParameters: {' '.join(['0'] * ndim)}\n")
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

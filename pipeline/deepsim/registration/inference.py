@@ -1,9 +1,12 @@
 """Register a user's own images with a trained model (``deepsim register``) and apply saved fields (``deepsim warp``).
 
-Any input geometry is accepted: both images are resampled (linearly, in world space) onto a working grid in the
-model's orientation (RAS) and spacing that covers the fixed image, padded to a size the network accepts; the
-network's field is mapped back to the fixed image's own grid in millimetres. Outputs, all on the fixed grid with
-the fixed image's affine (and header, for the warped image):
+The accurate path by default (:class:`deepsim.registration.pipeline.Registrar`): an affine stage in torch, then
+the network's field on a working grid in the model's orientation (RAS) and spacing that covers the fixed image,
+then instance optimisation of a diffeomorphic transform on the pair; each stage can be switched off
+(``affine=False``, ``network=False``, ``iterations=0``: the network alone is ``affine=False, iterations=0``). Any
+input geometry is accepted. The whole transform is mapped back to the fixed image's own grid in millimetres, and
+the moving image is interpolated once, from its own voxels. Outputs, all on the fixed grid with the fixed image's
+affine (and header, for the warped image):
 
 - ``warped.nii.gz``: the moving image resampled through the transform (its own intensities, linear, 0 outside);
 - ``ddf_mm.nii.gz``: the whole transform (affine pre-alignment included) as a displacement field in mm with LPS
@@ -11,7 +14,7 @@ the fixed image's affine (and header, for the warped image):
   x + d(x) in the moving image);
 - ``warped_label.nii.gz`` (with ``moving_label``): nearest neighbour, label values kept;
 - ``jacobian_det.nii.gz``: determinant of the Jacobian of the transform;
-- ``affine.tfm`` (with ``affine=True``): the pre-alignment alone, an ITK transform file;
+- ``affine.tfm`` (with the affine stage): the affine alone, an ITK transform file (SimpleITK, ANTs, Slicer read it);
 - ``registration.json``: inputs, model, timings, and, with both label maps, Dice before/after, folding, std log|J|.
 
 Files are written to a temporary folder first and moved into place at the end: a failure leaves no output.
@@ -23,6 +26,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +38,13 @@ import torch
 from deepsim.errors import ConfigError, DatasetError
 from deepsim.evaluation.dice import dice_per_label, mean_dice
 from deepsim.evaluation.jacobian import folding_percent, jacobian_determinant, std_log_jacobian
-from deepsim.io import load_displacement, read_image, save_displacement, save_like, save_volume
-from deepsim.registration.geometry import (Grid, apply_affine, grid_points, linear_part, resample_onto, sample_at,
-                                          working_grid)
+from deepsim.io import load_displacement, read_image, save_displacement, save_itk_affine, save_like, save_volume
+from deepsim.registration.affine import AffineRegistration
+from deepsim.registration.geometry import Grid, apply_affine, grid_points, linear_part, sample_at
+from deepsim.registration.instance import InstanceOptimisation, instance_similarity
 from deepsim.registration.model import RegistrationModel, resolve_model
-from deepsim.spatial import ddf_voxel_to_world, ddf_world_to_voxel
+from deepsim.registration.pipeline import Registrar
+from deepsim.spatial import ddf_world_to_voxel
 
 __all__ = ["register_files", "register_pairs", "apply_field", "NativeImage", "load_native", "normalise_intensity"]
 
@@ -118,48 +124,28 @@ def _check_model(fixed: NativeImage, model: RegistrationModel) -> None:
                            f"{model.spatial_dims}D images")
 
 
-def _estimate_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
-                     fixed_path: Path, moving_path: Path):
-    """(4x4 RAS world -> world matrix mapping fixed points into the moving image, the SimpleITK transform)."""
-    from deepsim.data.alignment import estimate_affine, to_sitk
-
-    if fixed.ndim != 3:
-        raise ConfigError("--affine supports 3D images only")
+def _instance_optimiser(net: RegistrationModel | None, loss: str | None, spatial_dims: int, iterations,
+                        learning_rate: float, device: torch.device) -> InstanceOptimisation | None:
+    """The optimisation stage: ``loss`` (default: the model's own, else local NCC) over the pyramid levels of
+    :class:`InstanceOptimisation` with ``iterations`` steps per level (one number for every level, or one each).
+    None when ``iterations`` is 0."""
+    steps = [int(n) for n in ([iterations] if isinstance(iterations, (int, float)) else iterations)]
+    if any(n < 0 for n in steps):
+        raise ConfigError(f"--iterations must be >= 0, got {steps}")
+    if not any(steps):
+        return None
+    levels = InstanceOptimisation.__dataclass_fields__["scales"].default
+    if len(steps) == 1:
+        steps = steps * len(levels)
+    if len(steps) != len(levels):
+        raise ConfigError(f"--iterations takes 1 or {len(levels)} numbers (one per level, shrink {levels}); "
+                          f"got {steps}")
+    name = loss or (net.similarity if net is not None and net.similarity else "ncc")
     try:
-        transform = estimate_affine(to_sitk(fixed, fixed_affine), to_sitk(moving, moving_affine))
-    except RuntimeError as exc:  # SimpleITK reports every failure as RuntimeError with a multi-line ITK message
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = next((line for line in lines if "ITK ERROR" in line), lines[-1] if lines else "RuntimeError")
-        raise DatasetError(f"{fixed_path}: affine pre-alignment with {moving_path} failed in SimpleITK "
-                           f"({detail[:160]})") from exc
-    # ITK maps LPS points: y = A (x - c) + c + t. Sample it on the unit points to read the matrix, then go to RAS.
-    lps = np.eye(4)
-    origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
-    for axis in range(3):
-        unit = [0.0, 0.0, 0.0]
-        unit[axis] = 1.0
-        lps[:3, axis] = np.asarray(transform.TransformPoint(tuple(unit))) - origin
-    lps[:3, 3] = origin
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return flip @ lps @ flip, transform
-
-
-def _instance_objective(model: RegistrationModel, device: torch.device):
-    from deepsim.registration.objective import build_objective
-
-    if model.similarity is None or model.regularization_weight is None:
-        raise ConfigError(f"{model.checkpoint}: the checkpoint does not record its loss; --iterations needs it")
-    try:
-        return build_objective(model.similarity, model.regularization_weight, spatial_dims=model.spatial_dims,
-                               models_dir=model.models_dir, device=device)
-    except ValueError as exc:
-        raise ConfigError(f"{model.checkpoint}: cannot build its loss {model.similarity!r} for --iterations "
-                          f"({exc})") from exc
-
-
-@torch.no_grad()
-def _predict(model: RegistrationModel, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-    return model.network(moving, fixed).float()
+        similarity = instance_similarity(name, spatial_dims, net.models_dir if net is not None else None, device)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"instance optimisation with the loss {name!r}: {exc}") from exc
+    return InstanceOptimisation(similarity, iterations=steps, learning_rate=learning_rate, loss_name=name)
 
 
 def _dice(fixed_label: np.ndarray, warped: np.ndarray) -> float:
@@ -173,25 +159,30 @@ def register_files(
     model: str | Path | RegistrationModel | None = None,
     fixed_label: str | Path | None = None,
     moving_label: str | Path | None = None,
-    affine: bool = False,
-    iterations: int = 0,
-    learning_rate: float = 0.1,
+    affine: bool = True,
+    iterations: int | Sequence[int] = (50, 30, 20),
+    learning_rate: float = 0.5,
     device: torch.device | str = "cpu",
     similarity: str | None = None,
     tracking_uri: str | None = None,
     spacing_mm: float | None = None,
     progress: bool = True,
+    network: bool = True,
+    loss: str | None = None,
+    affine_metric: str = "ncc",
 ) -> dict[str, Path]:
     """Register ``moving`` to ``fixed`` and write the outputs listed in the module docstring into ``out_dir``.
 
-    Returns the written paths by name (``warped``, ``ddf_mm``, ``jacobian_det``, ``report`` and, when given or
-    used, ``warped_label``, ``affine``). ``model``: see :func:`deepsim.registration.model.resolve_model`;
-    ``spacing_mm`` overrides the training spacing a checkpoint records (or supplies it for one that does not).
+    Stages: ``affine`` (torch, ``affine_metric`` "ncc" or "mi"), ``network`` (the model's prediction), instance
+    optimisation with ``iterations`` steps per pyramid level (0: none) on ``loss`` (default: the model's own loss;
+    ``learning_rate`` in voxels). Returns the written paths by name (``warped``, ``ddf_mm``, ``jacobian_det``,
+    ``report`` and, when given or used, ``warped_label``, ``affine``). ``model``: see
+    :func:`deepsim.registration.model.resolve_model`; ``spacing_mm`` overrides the training spacing a checkpoint
+    records (or supplies it for one that does not). Without the network the optimisation runs on the fixed image's
+    own grid (or at ``spacing_mm``).
     """
     started = time.perf_counter()
     device = torch.device(device)
-    if iterations < 0:
-        raise ConfigError(f"--iterations must be >= 0, got {iterations}")
     # the two images are read and normalised side by side (gzip decompression and sorting release the GIL); the
     # fixed image's errors come first, as map returns its results in order
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -200,54 +191,32 @@ def register_files(
         fixed_lab = _check_label(load_native(fixed_label, "fixed label map"), fixed_img) if fixed_label else None
         moving_lab = _check_label(load_native(moving_label, "moving label map"), moving_img) if moving_label else None
         fixed_norm, moving_norm = pool.map(normalise_intensity, (fixed_img, moving_img))
-    net = model if isinstance(model, RegistrationModel) else resolve_model(model, device, similarity, tracking_uri,
-                                                                           spacing_mm)
-    _check_model(fixed_img, net)
-    objective = _instance_objective(net, device) if iterations else None
-    timings: dict[str, float] = {}
-
-    # 1. optional affine pre-alignment: T maps fixed world points into the moving image
-    t0 = time.perf_counter()
-    to_moving = np.eye(4)
-    sitk_transform = None
-    if affine:
-        to_moving, sitk_transform = _estimate_affine(fixed_norm, fixed_img.affine, moving_norm, moving_img.affine,
-                                                     fixed_img.path, moving_img.path)
-    timings["affine_s"] = time.perf_counter() - t0
-
-    # 2. both images on the working grid (model spacing, RAS, size the network accepts)
-    t0 = time.perf_counter()
-    grid = working_grid(fixed_img.grid, net.spacing_mm, net.size_multiple)
-    # padding beyond the fixed field of view repeats its border (in both images, through the same points): zeros
-    # there would meet moving content and bias the field near the border
+    net = None
+    if network or model is not None:
+        net = model if isinstance(model, RegistrationModel) else resolve_model(model, device, similarity,
+                                                                               tracking_uri, spacing_mm)
+        _check_model(fixed_img, net)
+    if affine and affine_metric not in ("ncc", "mi"):
+        raise ConfigError(f"--affine-metric must be ncc or mi, got {affine_metric!r}")
+    optimiser = _instance_optimiser(net, loss, fixed_img.ndim, iterations, learning_rate, device)
+    registrar = Registrar(
+        affine=AffineRegistration(metric=affine_metric) if affine else None,
+        network=net.network if network else None,
+        optimiser=optimiser,
+        spacing_mm=net.spacing_mm if net is not None else spacing_mm,
+        size_multiple=net.size_multiple if network else 1,
+    )
     as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
-    f_work = resample_onto(as_tensor(fixed_norm), fixed_img.affine, grid, box=fixed_img.grid)[None, None]
-    m_work = resample_onto(as_tensor(moving_norm), moving_img.affine, grid, box=fixed_img.grid,
-                           transform=to_moving if affine else None)[None, None]
-    timings["resample_s"] = time.perf_counter() - t0
+    result = registrar(as_tensor(fixed_norm), fixed_img.affine, as_tensor(moving_norm), moving_img.affine,
+                       progress=progress)
+    timings = dict(result.timings)
+    to_moving = result.matrix
 
-    # 3. the network's field, optionally refined on this pair
-    t0 = time.perf_counter()
-    ddf = _predict(net, m_work, f_work)
-    timings["network_s"] = time.perf_counter() - t0
-    losses: list[float] = []
-    if iterations:
-        from deepsim.registration.instance import refine_field
-
-        t0 = time.perf_counter()
-        with torch.enable_grad():
-            ddf, losses = refine_field(objective, m_work, f_work, ddf, iterations, learning_rate, progress)
-        timings["instance_optimisation_s"] = time.perf_counter() - t0
-
-    # 4. the whole transform on the fixed image's own grid: x -> T(x + u(x)), u interpolated from the working grid
+    # the whole transform on the fixed image's own grid, x -> T(x + u(x)); the moving image read once through it
     t0 = time.perf_counter()
     with torch.no_grad():
         # float32 points: 2e-5 mm resolution over 300 mm, half the time and memory of float64 at 1 mm
-        u_mm = ddf_voxel_to_world(ddf.float(), torch.as_tensor(grid.affine))[0]
-        x = grid_points(fixed_img.grid, device, torch.float32)
-        target = x + resample_onto(u_mm, grid.affine, fixed_img.grid)
-        if affine:
-            target = apply_affine(to_moving, target)
+        x, target = result.target_points(fixed_img.grid)
         ddf_fixed_mm = target - x
         warped = sample_at(as_tensor(moving_img.array.astype(np.float32)), moving_img.affine, target)
         ddf_fixed_vox = ddf_world_to_voxel(ddf_fixed_mm[None], torch.as_tensor(fixed_img.affine))
@@ -257,14 +226,24 @@ def register_files(
             warped_lab = sample_at(as_tensor(moving_lab), moving_img.affine, target, mode="nearest").cpu().numpy()
     timings["compose_s"] = time.perf_counter() - t0
 
+    instance = result.instance
     report: dict = {
         "fixed": str(fixed_img.path), "moving": str(moving_img.path),
         "fixed_label": str(fixed_label) if fixed_label else None,
         "moving_label": str(moving_label) if moving_label else None,
-        "model": str(net.checkpoint), "similarity": net.similarity, "regularization_weight": net.regularization_weight,
-        "model_spacing_mm": net.spacing_mm, "working_grid": list(grid.shape), "device": str(device),
+        "stages": registrar.stages,
+        "model": str(net.checkpoint) if net is not None else None,
+        "similarity": net.similarity if net is not None else None,
+        "regularization_weight": net.regularization_weight if net is not None else None,
+        "model_spacing_mm": net.spacing_mm if net is not None else None,
+        "working_grid": list(result.grid.shape), "device": str(device),
         "affine_prealignment": bool(affine), "affine_ras": to_moving.tolist() if affine else None,
-        "iterations": iterations, "instance_losses": [losses[0], losses[-1]] if losses else None,
+        "affine_metric": affine_metric if affine else None,
+        "instance_optimisation": None if optimiser is None else {
+            "loss": optimiser.loss_name, "transform": optimiser.transform,
+            "levels": list(optimiser.scales), "iterations": list(optimiser.iterations),
+            "steps_taken": instance.steps, "final_loss_per_level": instance.losses,
+            "learning_rate": optimiser.learning_rate},
     }
     mask = torch.as_tensor(fixed_lab > 0) if fixed_lab is not None else None
     if mask is not None and not bool(mask.any()):
@@ -300,11 +279,8 @@ def register_files(
         with ThreadPoolExecutor(max_workers=2) as pool:
             futures = {name: pool.submit(write) for name, write in writers.items()}
             written = {name: future.result() for name, future in futures.items()}
-        if sitk_transform is not None:
-            import SimpleITK as sitk
-
-            sitk.WriteTransform(sitk_transform, str(staging / "affine.tfm"))
-            written["affine"] = staging / "affine.tfm"
+        if affine:
+            written["affine"] = save_itk_affine(staging / "affine.tfm", to_moving, fixed_img.ndim)
         timings["total_s"] = time.perf_counter() - started
         report["timings"] = {k: round(v, 3) for k, v in timings.items()}
         report["outputs"] = {name: path.name for name, path in written.items()}
