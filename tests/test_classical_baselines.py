@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from deepsim.registration.classical import AntsSyN, ElastixBSpline
+from deepsim.registration.classical import AntsSyN, ElastixBSpline, FireANTs
 
 
 def _blobs(shape=(40, 44, 36), seed=0) -> np.ndarray:
@@ -18,8 +18,10 @@ def _blobs(shape=(40, 44, 36), seed=0) -> np.ndarray:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("registrar, module", [(AntsSyN(reg_iterations=(20, 10, 0)), "ants"),
-                                               (ElastixBSpline(iterations=60, resolutions=2), "itk")],
-                         ids=["ants-syn", "elastix-bspline"])
+                                               (ElastixBSpline(iterations=60, resolutions=2), "itk"),
+                                               (FireANTs(affine_iterations=(30, 30, 20, 10), iterations=(40, 20, 10),
+                                                         device="cpu"), "fireants")],
+                         ids=["ants-syn", "elastix-bspline", "fireants"])
 def test_a_known_shift_is_recovered_in_voxels_along_our_axes(registrar, module, tmp_path, monkeypatch):
     """moving[x] = fixed[x - s] for s = (2, -1, 3) voxels, so moving read at x + u(x) matches fixed for u = s;
     and the tools leave no files behind in the working directory (transformix used to write one there)."""

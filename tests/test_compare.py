@@ -62,14 +62,16 @@ def test_compare_command_on_the_quick_profile(tmp_path):
     assert main(["run", "--profile", "quick", "--losses", "mse", "--out", str(run), "--no-progress"]) == 0
     out = tmp_path / "cmp"
     table = tmp_path / "results" / "compare_toy_cpu.md"
-    assert main(["compare", "--from", str(run), "--methods", "identity", "mse", "--out", str(out), "--table",
-                 str(table), "--no-progress"]) == 0
+    assert main(["compare", "--from", str(run), "--methods", "identity", "affine", "mse", "mse+io", "--out", str(out),
+                 "--table", str(table), "--no-progress"]) == 0
     text = table.read_text()
-    assert "| identity |" in text and "| mse |" in text and "Command:" in text
+    assert all(f"| {m} |" in text for m in ("identity", "affine", "mse", "mse+io")) and "Command:" in text
+    results = __import__("pandas").read_csv(out / "results.csv").groupby("method")["dice_mean"].mean()
+    assert results["mse+io"] > results["affine"] > results["identity"]  # each stage adds overlap on the toy pairs
     assert (out / "compare.png").is_file() and table.with_suffix(".png").is_file()
     runs = mlflow.search_runs(experiment_names=["compare"], search_all_experiments=False)
     names = set(runs["tags.mlflow.runName"])
-    assert {"identity", "mse"} <= names and any(n.startswith("compare-") for n in names)
+    assert {"identity", "affine", "mse", "mse+io"} <= names and any(n.startswith("compare-") for n in names)
     assert main(["compare", "--from", str(run), "--methods", "voxelmorph", "--out", str(tmp_path / "bad"),
                  "--no-progress"]) == 2
 
@@ -88,7 +90,15 @@ def test_missing_classical_tool_or_unknown_method_is_refused_before_any_output(t
         check_methods(tmp_path, ["voxelmorph"])
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ants" else real(name, *a))
-    with pytest.raises(ConfigError, match="antspyx==0.6.3"):
+    with pytest.raises(ConfigError, match="ants-syn needs antspyx"):
         check_methods(tmp_path, ["identity", "ants-syn"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fireants" else real(name, *a))
+    with pytest.raises(ConfigError, match="fireants needs fireants"):
+        check_methods(tmp_path, ["fireants"])
     assert check_methods(tmp_path, ["identity"]) == ["identity"]
+    # our stages need no trained model for affine and affine+io; a named network must exist
+    ours = ["affine", "affine+io", "affine+io-mind"]
+    assert check_methods(tmp_path, ours) == ours
+    with pytest.raises(ConfigError, match="unknown method"):
+        check_methods(tmp_path, ["ncc+io"])
     assert list(tmp_path.iterdir()) == [tmp_path / "data"]

@@ -19,7 +19,7 @@ from deepsim.errors import ConfigError
 __all__ = ["check_profile"]
 
 _TOP_TYPES = {"description": str, "experiment": str, "bundle": str, "common": dict, "losses": list,
-              "stages": dict, "lambdas": dict}
+              "stages": dict, "lambdas": dict, "hybrids": list}
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
                dict: "an object"}
 
@@ -76,6 +76,10 @@ def check_profile(path: Path, raw: Mapping[str, Any], configs: Path, stage_files
             raise ConfigError(f"{path}: {key} must be {_TYPE_NAMES[kind]}, got {json.dumps(raw[key])}")
     if not all(isinstance(loss, str) for loss in raw.get("losses", [])):
         raise ConfigError(f"{path}: losses must be a list of loss names, got {json.dumps(raw['losses'])}")
+    bad = [loss for loss in raw.get("hybrids", []) if loss not in losses or loss == "ncc-sup"]
+    if bad:
+        raise ConfigError(f"{path}: hybrids {bad} are not losses with a test-time form; choose from "
+                          f"{[loss for loss in losses if loss != 'ncc-sup']}")
     for loss, weight in raw.get("lambdas", {}).items():
         if loss not in losses:
             raise ConfigError(f"{path}: lambdas has the unknown loss {loss!r}; choose from {list(losses)}")

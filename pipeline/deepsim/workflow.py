@@ -33,6 +33,7 @@ __all__ = [
     "Profile",
     "bundle_dir",
     "check_losses",
+    "evaluation_methods",
     "load_profile",
     "prepare_and_pretrain",
     "registration_overrides",
@@ -56,7 +57,7 @@ MULTI_GPU_FILES = {
     "feature_seg": "multi_gpu_train_feature_seg.json",
     "registration": "multi_gpu_train_registration.json",
 }
-_PROFILE_KEYS = {"description", "experiment", "bundle", "common", "losses", "stages", "lambdas"}
+_PROFILE_KEYS = {"description", "experiment", "bundle", "common", "losses", "stages", "lambdas", "hybrids"}
 
 
 def _package_path(package: str, *parts: str) -> Path:
@@ -82,6 +83,8 @@ class Profile:
     stages: dict[str, dict[str, Any]]
     lambdas: dict[str, float]
     description: str = ""
+    #: losses whose hybrid ``<loss>+io`` (affine, network, instance optimisation) the evaluation stage scores
+    hybrids: list[str] = field(default_factory=list)
     bundle: str = "brain_mri"
     source: str = field(default="")
 
@@ -116,6 +119,7 @@ def load_profile(name_or_path: str) -> Profile:
     return Profile(name=path.stem, experiment=raw.get("experiment", path.stem), common=raw.get("common", {}),
                    losses=list(raw.get("losses", SIMILARITY_NAMES)), stages=raw.get("stages", {}),
                    lambdas=raw.get("lambdas", {}), description=raw.get("description", ""),
+                   hybrids=list(raw.get("hybrids", [])),
                    bundle=raw.get("bundle", "brain_mri"), source=str(path))
 
 
@@ -295,8 +299,9 @@ def run_pipeline(
         if not main:
             return None, uri
         _print("[deepsim] 4/4 evaluation on the held-out test pairs")
-        eval_id, parser = tracked_stage("evaluation", "evaluate", {**common, "methods": ["identity", *losses]},
-                                        tags, [(output_dir / "report", "report")], bundle=bundle, record=record)
+        eval_id, parser = tracked_stage("evaluation", "evaluate",
+                                        {**common, "methods": evaluation_methods(profile, losses)}, tags,
+                                        [(output_dir / "report", "report")], bundle=bundle, record=record)
         if parser is None:  # finished before this --resume: its table is on disk, its metrics in MLflow
             summary = _summary_on_disk(output_dir / "report" / "results.csv")
         else:
@@ -305,6 +310,12 @@ def run_pipeline(
         tracking.log_metrics({"pipeline/wall_time_s": time.perf_counter() - started})
         _print(f"[deepsim] parent MLflow run: {parent.info.run_id}")
     return summary, uri
+
+
+def evaluation_methods(profile: Profile, losses: Sequence[str]) -> list[str]:
+    """What the evaluation stage scores: the identity, the affine stage alone, every trained network alone, and
+    the hybrids (affine, network, instance optimisation) of the profile's ``hybrids`` that were trained."""
+    return ["identity", "affine", *losses, *[f"{loss}+io" for loss in profile.hybrids if loss in losses]]
 
 
 def tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags: Mapping[str, str],
@@ -350,13 +361,15 @@ def _summary_on_disk(results_csv: Path):
 
 
 def _log_test_metrics(summary, run_ids: Mapping[str, str], evaluation_run_id: str) -> None:
-    """Test metrics per method on the evaluation run, and ``test/*`` on each registration run (compare in the UI)."""
+    """Test metrics per method on the evaluation run, and ``test/*`` on each registration run (compare in the UI).
+
+    MLflow metric names allow no ``+``: a hybrid ``ncc+io`` is logged as ``test/ncc_io/...``."""
     import mlflow
 
     client = mlflow.tracking.MlflowClient()
     for row in summary.to_dict("records"):
         for key in ("dice_mean", "dice_std", "folding_pct", "std_logjac"):
             value = float(row[key])
-            client.log_metric(evaluation_run_id, f"test/{row['method']}/{key}", value)
+            client.log_metric(evaluation_run_id, f"test/{row['method'].replace('+', '_')}/{key}", value)
             if row["method"] in run_ids:
                 client.log_metric(run_ids[row["method"]], f"test/{key}", value)

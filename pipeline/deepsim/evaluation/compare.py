@@ -1,7 +1,11 @@
-"""``deepsim compare``: our trained models side by side with ANTs SyN and elastix on the same test pairs.
+"""``deepsim compare``: our registration stages side by side with ANTs SyN, elastix and FireANTs on the same pairs.
 
 Every method registers the same held-out pairs of a ``deepsim run`` output folder (its ``data/datalist.json`` and
-``models/registration_<loss>.pt``) and is scored by the same code: Dice (mean over the labels present in the
+``models/registration_<loss>.pt``). Ours are the stages of :class:`deepsim.registration.pipeline.Registrar`, so
+the rows are an ablation: ``affine`` (the affine stage alone), ``affine+io`` (affine, then instance optimisation
+from the identity with local NCC), ``<loss>`` (the trained network alone, as it was trained: no affine stage) and
+``<loss>+io`` (affine, the network, then instance optimisation with that loss: our hybrid). All are scored by the
+same code: Dice (mean over the labels present in the
 fixed map, and per label group), HD95 in mm (mean over labels), folding %, std log|J|, wall time per pair and the
 process's peak memory above its resident size before the call (Linux ``VmHWM``, reset per call through
 ``/proc/self/clear_refs``; native allocations of ANTs/elastix included). Each method is tested against the best
@@ -23,7 +27,8 @@ import torch
 from deepsim.errors import ConfigError, DatasetError
 from deepsim.evaluation.summary import format_number, pair_metrics, paired_wilcoxon
 from deepsim.io import atomic_write
-from deepsim.registration.classical import CLASSICAL_METHODS
+from deepsim.registration.classical import CLASSICAL_METHODS, TOOL_MODULES
+from deepsim.registration.pipeline import HYBRID, is_our_method, method_registrar, parse_method, registrar_params
 from deepsim.spatial import warp_labels
 
 __all__ = ["hd95_mm", "peak_memory", "compare_methods", "available_methods", "check_methods"]
@@ -64,8 +69,20 @@ def _status_kb(key: str) -> float:
     return float("nan")
 
 
-def peak_memory(fn: Callable[[], object]) -> tuple[object, float, float]:
-    """Run ``fn``; return (its result, wall seconds, peak resident memory above the start, MiB; NaN off Linux)."""
+def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[object, float, float]:
+    """Run ``fn``; return (its result, wall seconds, peak memory above the start, MiB). On the CPU the process's
+    resident memory (NaN off Linux); on a CUDA device the memory PyTorch allocated there (``max_memory_allocated``),
+    the device synchronised before and after so the seconds hold all the work."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        result = fn()
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        return result, seconds, (torch.cuda.max_memory_allocated(device) - base) / 2**20
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
         base = _status_kb("VmRSS")
@@ -79,10 +96,12 @@ def peak_memory(fn: Callable[[], object]) -> tuple[object, float, float]:
 
 
 def available_methods(models_dir: Path) -> list[str]:
-    """identity, the classical tools, then every trained loss found in ``models_dir``."""
+    """identity, the classical tools, our affine and affine+io stages, then every trained loss found in
+    ``models_dir`` and its hybrid ``<loss>+io``."""
     trained = sorted(p.stem[len("registration_"):] for p in Path(models_dir).glob("registration_*.pt")
                      if not p.name.endswith(".state.pt"))  # training-state files are not models
-    return ["identity", *CLASSICAL_METHODS, *trained]
+    return ["identity", *CLASSICAL_METHODS, "affine", "affine" + HYBRID, *trained,
+            *[loss + HYBRID for loss in trained]]
 
 
 def check_methods(run_dir: str | Path, methods: Sequence[str] | None) -> list[str]:
@@ -97,42 +116,40 @@ def check_methods(run_dir: str | Path, methods: Sequence[str] | None) -> list[st
     if not datalist.is_file():
         raise DatasetError(f"{datalist}: not found; --from must be a `deepsim run` output folder")
     known = available_methods(run_dir / "models")
+    trained = [m for m in known if "+" not in m and m not in ("identity", "affine", *CLASSICAL_METHODS)]
     chosen = list(methods or known)
-    unknown = [m for m in chosen if m not in known]
+    unknown = [m for m in chosen if m not in known and not is_our_method(m, trained)]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown} for {run_dir}; available: {known}")
-    for method, module in (("ants-syn", "ants"), ("elastix-bspline", "itk")):
-        if method in chosen and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"{method} needs {'antspyx' if module == 'ants' else 'itk-elastix'}: "
-                              'pip install antspyx==0.6.3 itk-elastix==0.25.4 (or leave it out with --methods)')
+    for method in chosen:
+        missing = [package for module, package in TOOL_MODULES.get(method, {}).items()
+                   if importlib.util.find_spec(module) is None]
+        if missing:
+            raise ConfigError(f"{method} needs {' and '.join(missing)}: pip install '.[compare]' from the repository, "
+                              "or leave it out with --methods")
     return chosen
 
 
 def _registrar(method: str, models_dir: Path, device: torch.device, spacing_mm: float):
     """(callable fixed, moving -> ddf (ndim, *S) voxels torch, parameters to log)."""
-    if method == "identity":
-        return (lambda f, m: torch.zeros((f.ndim, *f.shape))), {}
     if method in CLASSICAL_METHODS:
         tool = CLASSICAL_METHODS[method]()
         return (lambda f, m: torch.as_tensor(tool(f, m, spacing_mm))), tool.params()
-    from deepsim.engine.checkpoints import load_checkpoint, load_network, registration_checkpoint_path
+    registrar = method_registrar(method, models_dir, device)
+    params = registrar_params(registrar)
+    if registrar.network is not None:
+        from deepsim.engine.checkpoints import load_checkpoint, registration_checkpoint_path
 
-    path = registration_checkpoint_path(models_dir, method)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no trained model for method {method!r}; methods here: "
-                          f"{available_methods(models_dir)}")
-    network = load_network(path, map_location=device).to(device).eval()
+        path = registration_checkpoint_path(models_dir, parse_method(method)[1])
+        params.update({"checkpoint": str(path), **{k: v for k, v in load_checkpoint(path)["meta"].items()
+                                                   if k in ("similarity", "regularization_weight", "iterations")}})
 
-    @torch.no_grad()
     def run(f: np.ndarray, m: np.ndarray) -> torch.Tensor:
-        as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)[None, None]  # noqa: E731
-        ddf = network(as_t(m), as_t(f))[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return ddf
+        as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+        grid_affine = np.diag([spacing_mm] * f.ndim + [1.0] * (4 - f.ndim))  # both images on one isotropic grid
+        return registrar(as_t(f), grid_affine, as_t(m), grid_affine).voxel_ddf()[0]
 
-    return run, {"checkpoint": str(path), **{k: v for k, v in load_checkpoint(path)["meta"].items()
-                                             if k in ("similarity", "regularization_weight", "iterations")}}
+    return run, params
 
 
 def compare_methods(
@@ -145,9 +162,16 @@ def compare_methods(
     max_pairs: int | None = None,
     progress: bool = True,
     log_fn: Callable[[str, dict, dict], None] | None = None,
+    noise_std: float = 0.0,
+    hd95: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Register the ``split`` pairs of ``run_dir`` with every method; write ``results.csv`` and return
-    ``(per-pair results, summary)``. ``log_fn(method, params, metrics)`` is called once per method (MLflow)."""
+    ``(per-pair results, summary)``. ``log_fn(method, params, metrics)`` is called once per method (MLflow).
+
+    ``noise_std > 0``: Gaussian noise of that std (images in [0, 1]) is added to both images of every pair, the
+    same noise for every method (:func:`deepsim.data.noise.add_gaussian_noise`, seed 0, keys 2i and 2i + 1); the
+    rows carry ``noise_std``. ``hd95=False`` leaves HD95 out (NaN): on the CPU it costs seconds a pair at 1 mm.
+    Warping labels and the other metrics run on ``device``."""
     from tqdm.auto import tqdm
 
     from deepsim.data.pairs import PairDataset
@@ -164,16 +188,21 @@ def compare_methods(
         run, params = registrars[method]
         for i in tqdm(range(n), desc=f"compare {method}", disable=not progress, unit="pair"):
             pair = pairs[i]
+            if noise_std > 0:
+                from deepsim.data.noise import add_gaussian_noise
+
+                pair = {**pair, "fixed": add_gaussian_noise(pair["fixed"], noise_std, 0, 2 * i),
+                        "moving": add_gaussian_noise(pair["moving"], noise_std, 0, 2 * i + 1)}
             f = np.asarray(pair["fixed"][0], dtype=np.float32)
             m = np.asarray(pair["moving"][0], dtype=np.float32)
-            ddf, seconds, peak_mib = peak_memory(lambda: run(f, m))
-            ddf = torch.as_tensor(ddf, dtype=torch.float32).cpu()[None]
-            moving_label = torch.as_tensor(pair["moving_label"])[None]
-            warped = warp_labels(moving_label, ddf)[0, 0].numpy()
-            fixed_label = np.asarray(pair["fixed_label"][0])
-            metrics, per_label = pair_metrics(fixed_label, warped, ddf)
-            row = {"method": method, "pair_id": pair["pair_id"], **metrics,
-                   "hd95_mm": hd95_mm(fixed_label, warped, spacing), "seconds": seconds, "peak_mib": peak_mib}
+            ddf, seconds, peak_mib = peak_memory(lambda: run(f, m), device)
+            ddf = torch.as_tensor(ddf, dtype=torch.float32).to(device)[None]
+            warped_t = warp_labels(torch.as_tensor(pair["moving_label"])[None].to(device), ddf)[0, 0]
+            metrics, per_label = pair_metrics(torch.as_tensor(pair["fixed_label"][0]).to(device), warped_t, ddf)
+            warped, fixed_label = warped_t.cpu().numpy(), np.asarray(pair["fixed_label"][0])
+            row = {"method": method, "pair_id": pair["pair_id"], "noise_std": float(noise_std), **metrics,
+                   "hd95_mm": hd95_mm(fixed_label, warped, spacing) if hd95 else float("nan"), "seconds": seconds,
+                   "peak_mib": peak_mib}
             for group, values in (label_groups or {}).items():
                 scores = [per_label[v] for v in values if v in per_label]
                 row[f"dice_{group}"] = float(np.mean(scores)) if scores else float("nan")

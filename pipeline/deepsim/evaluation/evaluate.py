@@ -1,16 +1,20 @@
 """Evaluate registration methods on the held-out test pairs: one table, per-label Dice, figures.
 
-Methods are ``identity`` (no registration: the floor) and the names of trained similarity losses, whose networks
-are read from ``<models_dir>/registration_<name>.pt``. Every method sees the same pairs and the same metric code
+Methods are ``identity`` (no registration: the floor), the names of trained similarity losses, whose networks
+are read from ``<models_dir>/registration_<name>.pt``, and the stages of the accurate path
+(:func:`deepsim.registration.pipeline.method_registrar`): ``affine`` and ``<loss>+io`` (affine, the network, then
+instance optimisation). Every method sees the same pairs and the same metric code
 (:mod:`deepsim.evaluation.summary`). The Jacobian statistics are taken over the whole fixed grid.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -24,9 +28,10 @@ from deepsim.evaluation import figures
 from deepsim.evaluation.jacobian import jacobian_determinant
 from deepsim.evaluation.summary import format_table, pair_metrics, summarise
 from deepsim.io import atomic_write
+from deepsim.registration.pipeline import method_registrar, parse_method
 from deepsim.spatial import warp_image, warp_labels
 
-__all__ = ["evaluate_methods", "register_pair"]
+__all__ = ["evaluate_methods", "register_pair", "register_pair_with"]
 
 
 def register_pair(network, pair: dict, device: torch.device | str) -> dict[str, torch.Tensor | float]:
@@ -43,6 +48,26 @@ def register_pair(network, pair: dict, device: torch.device | str) -> dict[str, 
     seconds = time.perf_counter() - start
     warped_label = warp_labels(torch.as_tensor(pair["moving_label"])[None].to(device), ddf)
     return {"fixed": fixed, "moving": moving, "ddf": ddf, "warped_label": warped_label, "seconds": seconds}
+
+
+def register_pair_with(registrar, pair: dict, device: torch.device | str, spacing_mm: float) -> dict:
+    """:func:`register_pair` through a :class:`~deepsim.registration.pipeline.Registrar` (affine and instance
+    optimisation stages); ``seconds`` is the whole registration. Both images lie on one grid of ``spacing_mm``."""
+    fixed = torch.as_tensor(pair["fixed"])[None].float().to(device)
+    moving = torch.as_tensor(pair["moving"])[None].float().to(device)
+    ndim = fixed.ndim - 2
+    grid_affine = np.diag([float(spacing_mm)] * ndim + [1.0] * (4 - ndim))
+    start = time.perf_counter()
+    ddf = registrar(fixed[0, 0], grid_affine, moving[0, 0], grid_affine).voxel_ddf()
+    seconds = time.perf_counter() - start
+    warped_label = warp_labels(torch.as_tensor(pair["moving_label"])[None].to(device), ddf)
+    return {"fixed": fixed, "moving": moving, "ddf": ddf, "warped_label": warped_label, "seconds": seconds}
+
+
+def _uses_registrar(method: str) -> bool:
+    """Methods with an affine or optimisation stage; the identity and a network alone keep the old path."""
+    affine, _, io_loss = parse_method(method)
+    return affine or io_loss is not None
 
 
 @torch.no_grad()
@@ -76,19 +101,27 @@ def evaluate_methods(
     report_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     pairs = PairDataset(datalist_path, split)
+    spacing = float(json.loads(Path(datalist_path).read_text()).get("spacing_mm", 1.0))
     rows, label_rows = [], []
     for method in methods:
-        network, train_time = None, float("nan")
-        if method != "identity":
-            ckpt = registration_checkpoint_path(models_dir, method)
+        network, registrar, train_time = None, None, float("nan")
+        loss = parse_method(method)[1]
+        if loss is not None:
+            ckpt = registration_checkpoint_path(models_dir, loss)
             train_time = float(load_checkpoint(ckpt)["meta"].get("train_time_s", float("nan")))
+        if _uses_registrar(method):
+            registrar = method_registrar(method, models_dir, device)
+        elif method != "identity":
             network = load_network(ckpt, map_location=device, builder="registration_net").to(device).eval()
         for i in tqdm(range(len(pairs)), desc=f"evaluate {method}", disable=not progress, unit="pair"):
             pair = pairs[i]
             if noise_std > 0:
                 pair = {**pair, "fixed": add_gaussian_noise(pair["fixed"], noise_std, noise_seed, 2 * i),
                         "moving": add_gaussian_noise(pair["moving"], noise_std, noise_seed, 2 * i + 1)}
-            out = register_pair(network, pair, device)
+            if registrar is None:
+                out = register_pair(network, pair, device)
+            else:
+                out = register_pair_with(registrar, pair, device, spacing)
             fixed, moving, ddf, seconds = out["fixed"], out["moving"], out["ddf"], out["seconds"]
             # metrics on the registration device: at 1 mm the CPU metrics cost more than the GPU registration
             metrics, per_label = pair_metrics(torch.as_tensor(pair["fixed_label"]).to(device), out["warped_label"][0],

@@ -74,8 +74,17 @@ def run_comparison(run_dir: str | Path, out: str | Path, methods: Sequence[str] 
     return text
 
 
+def _default_optimiser():
+    """InstanceOptimisation with its default settings (the similarity is per method; a placeholder here)."""
+    from deepsim.registration.instance import InstanceOptimisation
+
+    return InstanceOptimisation(similarity=None, loss_name="<the method's loss>")
+
+
 def _report(summary, results, run_dir: Path, device: str, command: str, seconds: float, parent) -> str:
-    from deepsim.registration.classical import AntsSyN, ElastixBSpline
+    from deepsim.registration.affine import AffineRegistration
+    from deepsim.registration.classical import AntsSyN, ElastixBSpline, FireANTs
+    from deepsim.registration.pipeline import Registrar, registrar_params
 
     best = summary.attrs["best"]
     lines = [
@@ -88,15 +97,25 @@ def _report(summary, results, run_dir: Path, device: str, command: str, seconds:
         "Dice: mean over the labels present in the fixed map, then mean ± std over pairs (groups: the same over the "
         "group's labels). HD95: 95th-percentile symmetric surface distance per label (MONAI), mean over labels and "
         "pairs. Folding: % voxels with det J ≤ 0; std log|J| over det J > 0 (whole grid). Time: wall time of one "
-        "registration (the network's forward pass for ours, with the model already loaded; the whole tool call for "
-        "ANTs and elastix, their file I/O included), median over pairs. Peak memory: the process's peak resident "
+        "registration (every stage of ours, with the model already loaded; the whole tool call for ANTs, elastix and "
+        "FireANTs, their file I/O included), median over pairs. Peak memory: the process's peak resident "
         "size during the call above its size before it (Linux VmHWM), max over pairs. p: two-sided Wilcoxon "
         f"signed-rank over the pairs against the method with the highest mean Dice ({best}).", "",
         "![Dice against time and folding](compare.png)", "",
+        "## Our stages", "",
+        "`affine`: the affine stage alone; `affine+io`: affine, then instance optimisation from the identity (local "
+        "NCC); `<loss>`: the trained network alone, as it was trained (no affine stage); `affine+<loss>`: affine, "
+        "then the network; `<loss>+io`: affine, the network, then instance optimisation with that loss (our "
+        "hybrid; `<net>+io-<loss>` names the optimisation loss). Settings (defaults of "
+        "`deepsim.registration.affine.AffineRegistration` and `deepsim.registration.instance.InstanceOptimisation`):",
+        "", f"`{json.dumps(registrar_params(Registrar(affine=AffineRegistration(), optimiser=_default_optimiser())))}`",
+        "",
         "## Parameters of the classical tools", "",
         f"- ANTs SyN (antspyx `ants.registration(type_of_transform=\"SyN\")`, affine then SyN): "
         f"`{json.dumps(AntsSyN().params())}`",
         f"- elastix (itk-elastix, default `affine` then `bspline` parameter maps with): "
-        f"`{json.dumps(ElastixBSpline().params())}`", "",
+        f"`{json.dumps(ElastixBSpline().params())}`",
+        f"- FireANTs (fireants, `AffineRegistration` then `GreedyRegistration`, compositive, CC loss): "
+        f"`{json.dumps(FireANTs().params())}`", "",
     ]
     return "\n".join(lines)
