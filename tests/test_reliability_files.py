@@ -175,7 +175,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_at_once_in_one_line(tmp_pa
         before = _digest(out)
         started = time.perf_counter()
         assert main(["run", "--profile", "quick", "--out", str(out), "--no-progress"]) == 1
-        assert time.perf_counter() - started < 30
+        assert time.perf_counter() - started < 60  # imports on a loaded machine included
         err = _one_error_line(capsys, "OutputError")
         assert f"{out}: deepsim (pid {os.getpid()}, since " in err and "is writing there now" in err
         assert _digest(out) == before

@@ -257,7 +257,7 @@ def test_a_read_only_sqlite_folder_is_one_line_within_seconds(tmp_path, monkeypa
     out = tmp_path / "out"
     started = time.perf_counter()
     assert main(["run", "--profile", "quick", "--tracking-uri", _store(store / "mlflow.db"), "--out", str(out)]) == 1
-    assert time.perf_counter() - started < 30  # imports included; the check itself is a stat call
+    assert time.perf_counter() - started < 60  # imports on a loaded machine included; the check is a stat call
     err = capsys.readouterr().err
     assert err == (f"deepsim: error: ConfigError: MLflow tracking URI {_store(store / 'mlflow.db')}: cannot write "
                    f"into {store} (permission denied; SQLite needs to create its journal beside the database)\n")
@@ -293,7 +293,7 @@ def test_a_model_from_an_unreachable_server_fails_in_seconds_and_leaves_no_tempo
     started = time.perf_counter()
     assert main(["register", "--fixed", str(image), "--moving", str(image), "--model", "runs:/" + "0" * 32,
                  "--tracking-uri", server, "--out", str(tmp_path / "reg"), "--no-progress"]) == 1
-    assert time.perf_counter() - started < tracking.PROBE_TIMEOUT_S + 10
+    assert time.perf_counter() - started < 60  # imports on a loaded machine included; it took 256 s
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"ConfigError: MLflow tracking URI {server}: not reachable (no connection " \
         f"within {tracking.PROBE_TIMEOUT_S:g} s" in err, err
