@@ -14,7 +14,7 @@ the message and exits with a non-zero status instead of a traceback:
 from __future__ import annotations
 
 __all__ = ["DeepsimError", "DatasetError", "ConfigError", "UsageError", "CheckpointError", "TrackingError",
-           "OutputError", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "exit_code"]
+           "OutputError", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "exit_code", "first_line"]
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -53,3 +53,13 @@ class OutputError(DeepsimError):
 def exit_code(error: DeepsimError) -> int:
     """The process exit status for ``error`` (see the module docstring)."""
     return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILURE
+
+
+def first_line(error: BaseException | str, limit: int = 200) -> str:
+    """The first line of another library's error message, cut at a word boundary (with "...") when longer than
+    ``limit``: the part of a multi-line message that fits into our one-line errors, never cut mid-word."""
+    line = (str(error).strip().splitlines() or [""])[0].strip()
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0] if " " in line[:limit] else line[:limit]
+    return cut.rstrip(",;:") + " ..."

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from deepsim.engine.distributed import unwrap
-from deepsim.errors import CheckpointError
+from deepsim.errors import CheckpointError, first_line
 from deepsim.io import atomic_write
 from deepsim.features.networks import build_feature_net
 from deepsim.registration.network import RegistrationNet
@@ -109,7 +109,7 @@ def load_failure(exc: BaseException) -> str:
 
     if isinstance(exc, pickle.UnpicklingError):
         return "it holds pickled Python objects, which are never loaded: torch.load(weights_only=True)"
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+    return f"{type(exc).__name__}: {first_line(exc, 160)}"
 
 
 def build_network(builder: str, kwargs: dict) -> nn.Module:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from deepsim.engine.checkpoints import load_checkpoint, load_network
-from deepsim.errors import CheckpointError, ConfigError
+from deepsim.errors import CheckpointError, ConfigError, first_line
 
 __all__ = ["RegistrationModel", "resolve_model", "default_model_dir"]
 
@@ -108,7 +108,7 @@ def _from_mlflow(spec: str, tracking_uri: str | None, similarity: str | None) ->
     except Exception as exc:  # MlflowException for unknown runs, OSError for unreachable servers, ...
         shutil.rmtree(target, ignore_errors=True)
         raise CheckpointError(f"MLflow run {run_id} (tracking URI {uri}): cannot download its checkpoint artifacts "
-                              f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})") from exc
+                              f"({type(exc).__name__}: {first_line(exc)})") from exc
     atexit.register(shutil.rmtree, target, True)
     return _from_folder(Path(folder), similarity)
 

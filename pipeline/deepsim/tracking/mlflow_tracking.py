@@ -29,7 +29,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from deepsim.errors import ConfigError, TrackingError
+from deepsim.errors import ConfigError, TrackingError, first_line
 from deepsim.output_folder import store_lock
 
 __all__ = ["default_tracking_uri", "setup_tracking", "stage_run", "log_epoch_metrics", "log_params",
@@ -146,14 +146,14 @@ def _setup_tracking(tracking_uri: str, experiment: str) -> str:
                 mlflow.create_experiment(experiment, artifact_location=store.as_uri())
             mlflow.set_experiment(experiment)
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        first = first_line(exc)
         if database is None:
             raise ConfigError(f"MLflow tracking URI {tracking_uri}: not reachable ({type(exc).__name__}: "
                               f"{first})") from exc
         hint = ("; an MLflow schema migration was interrupted there before (restore the file from a backup or start "
                 "a new store)" if "_alembic_tmp" in str(exc) else "")
         raise ConfigError(f"MLflow tracking URI {tracking_uri}: the store cannot be used ({type(exc).__name__}: "
-                          f"{first[:200]}){hint}") from exc
+                          f"{first}){hint}") from exc
     return tracking_uri
 
 
