@@ -58,16 +58,21 @@ def sqlite_path(tracking_uri: str) -> Path | None:
 
 
 def _probe_http(tracking_uri: str) -> None:
+    """ConfigError unless the server (or the HTTP(S) proxy requests would go through) accepts a TCP connection."""
     from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
 
-    parts = urlsplit(tracking_uri)
+    parts, via = urlsplit(tracking_uri), ""
+    proxy = getproxies().get(parts.scheme)
+    if proxy and parts.hostname and not proxy_bypass(parts.hostname):
+        parts, via = urlsplit(proxy if "://" in proxy else f"http://{proxy}"), f" through the proxy {proxy}"
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         with socket.create_connection((parts.hostname or "", port), timeout=PROBE_TIMEOUT_S):
             pass
     except (OSError, ValueError) as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (getattr(exc, "strerror", None) or str(exc))
-        raise ConfigError(f"MLflow tracking URI {tracking_uri}: not reachable (no connection within "
+        raise ConfigError(f"MLflow tracking URI {tracking_uri}: not reachable (no connection{via} within "
                           f"{PROBE_TIMEOUT_S:g} s: {reason})") from None
 
 
