@@ -95,7 +95,7 @@ def test_quick_profile_main_job_writes_mlflow_runs_and_finite_metrics(tmp_path, 
 def test_cli_reports_bad_profile_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "deepsim.cli", "run", "--profile", str(tmp_path / "nope.json"),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True)
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "nope.json" in proc.stderr
 
 
@@ -133,7 +133,7 @@ def test_bad_user_data_stops_the_main_job_with_one_line_naming_the_file(tmp_path
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "deepsim.cli", "run", "--profile", str(_write_profile(tmp_path, data)),
                            "--out", str(out), "--no-progress"], capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("deepsim: error: DatasetError:") and "s2_" in last
     assert not (out / "data" / "datalist.json").exists()

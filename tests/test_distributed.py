@@ -118,7 +118,7 @@ def test_distributed_cli_trains_every_stage_and_only_rank_0_tracks(tmp_path):
 def test_distributed_flag_outside_torchrun_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    assert main(["run", "--distributed", "--profile", "quick", "--out", str(tmp_path / "out")]) == 2
+    assert main(["run", "--distributed", "--profile", "quick", "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "torchrun" in err
     assert not (tmp_path / "out").exists()

@@ -174,5 +174,5 @@ def test_report_command_merges_results_files_and_names_a_missing_one(tmp_path, c
                  "--note", "brain: machine A", "--command", "made by hand"]) == 0
     text = (tmp_path / "r" / "merged.md").read_text()
     assert "## toy" in text and "## other" in text and "brain: machine A" in text and "made by hand" in text
-    assert main(["report", "--results", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "r")]) == 2
+    assert main(["report", "--results", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "r")]) == 1
     assert "nope.csv" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Reliability: bad inputs stop with one line naming the file (or option) and the problem, exit 2, no output.
+"""Reliability: bad inputs stop with one line naming the file (or option) and the problem, exit 1, no output.
 
 Covers users' datasets (``dataset: <folder or datalist>`` of ``deepsim run``, i.e. ``prepare_user_dataset``),
 ``deepsim register`` cases not in tests/test_register.py, profile configs, checkpoints and paths that try to leave
@@ -162,11 +162,11 @@ def _profile_with(tmp_path: Path, change) -> Path:
     return path
 
 
-def test_deepsim_run_on_a_bad_user_dataset_exits_2_in_one_line_with_no_prepared_data(tmp_path, capsys):
+def test_deepsim_run_on_a_bad_user_dataset_exits_1_in_one_line_with_no_prepared_data(tmp_path, capsys):
     source, expected = _bad_dataset("empty label map", _subjects(tmp_path / "src"))
     profile = _profile_with(tmp_path, lambda p: p["common"].update(dataset=str(source)))
     out = tmp_path / "out"
-    assert main(["run", "--profile", str(profile), "--out", str(out), "--no-progress"]) == 2
+    assert main(["run", "--profile", str(profile), "--out", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("deepsim: error: DatasetError: ") and expected in err, err
     assert not (out / "data").exists() and not (out / "models").exists() and not (out / "report").exists()
@@ -187,6 +187,24 @@ BAD_PROFILES = {
     "unknown stage": (lambda p: p["stages"].update(registraton={}), "stages has the unknown stage 'registraton'"),
     "unknown top-level key": (lambda p: p.update(epochs=3), "unknown keys ['epochs']"),
     "unknown loss": (lambda p: p.update(losses=["mse", "vgg"]), "unknown losses ['vgg']"),
+    # issue 21.7: values of the right type but outside their range, refused naming the key before anything runs
+    "negative learning rate": (lambda p: p["common"].update(learning_rate=-0.001),
+                               "common.learning_rate must be a finite number > 0, got -0.001"),
+    "NaN lambda": (lambda p: p["lambdas"].update(mse=float("nan")), "lambdas.mse must be a number >= 0, got NaN"),
+    "NaN regularization weight of one loss": (
+        lambda p: p["stages"]["registration_by_loss"].update(mse={"regularization_weight": float("nan")}),
+        "stages.registration_by_loss.mse.regularization_weight must be a finite number >= 0, got NaN"),
+    "unknown precision": (lambda p: p["common"].update(precision="fp8"),
+                          "common.precision must be \"fp32\" or \"bf16\", got \"fp8\""),
+    "zero epochs": (lambda p: p["stages"]["registration"].update(max_epochs=0),
+                    "stages.registration.max_epochs must be an integer >= 1, got 0"),
+    "zero spacing": (lambda p: p["common"].update(dataset="embedded", spacing_mm=0),
+                     "common.spacing_mm must be a finite number > 0, got 0"),
+    "a spacing the toy data ignore": (lambda p: p["common"].update(spacing_mm=1.0),
+                                      "common.spacing_mm 1.0: the toy dataset is generated at 2 mm and would ignore "
+                                      "it"),
+    "empty channel list": (lambda p: p["common"].update(registration_channels=[]),
+                           "common.registration_channels must be a non-empty list of integers >= 1, got []"),
 }
 
 
@@ -195,7 +213,7 @@ def test_a_bad_profile_is_refused_in_one_line_before_anything_is_written(tmp_pat
     change, expected = BAD_PROFILES[case]
     profile = _profile_with(tmp_path, change)
     out = tmp_path / "out"
-    assert main(["run", "--profile", str(profile), "--out", str(out)]) == 2
+    assert main(["run", "--profile", str(profile), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"deepsim: error: ConfigError: {profile}: ") and expected in err, err
     assert not out.exists()
@@ -204,7 +222,7 @@ def test_a_bad_profile_is_refused_in_one_line_before_anything_is_written(tmp_pat
 def test_a_profile_that_is_not_json_is_refused_in_one_line(tmp_path, capsys):
     path = tmp_path / "broken.json"
     path.write_text('{"common": {"dataset": "toy"},}')
-    assert main(["run", "--profile", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert main(["run", "--profile", str(path), "--out", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.startswith(f"deepsim: error: ConfigError: {path}: invalid JSON")
 
 
@@ -266,10 +284,10 @@ BAD_REGISTER = ["empty label map", "Inf voxels", "NaN affine", "complex voxels",
 
 
 @pytest.mark.parametrize("case", BAD_REGISTER)
-def test_more_bad_register_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, model, capsys, case):
+def test_more_bad_register_inputs_exit_1_with_one_line_and_write_nothing(tmp_path, model, capsys, case):
     files, expected = _register_cases(case, tmp_path, model)
     argv, out = _register(tmp_path, model, **files)
-    assert main(argv) == 2
+    assert main(argv) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1, captured.err
     assert captured.err.startswith("deepsim: error: ") and expected in captured.err, captured.err

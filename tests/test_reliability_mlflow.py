@@ -40,7 +40,7 @@ def _store(path: Path) -> str:
 # ------------------------------------------------------------------------------------------ unreachable server
 def test_an_unreachable_server_stops_the_run_at_start_up_in_one_line_before_any_data(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["run", "--profile", "quick", "--tracking-uri", UNREACHABLE, "--out", str(out)]) == 2
+    assert main(["run", "--profile", "quick", "--tracking-uri", UNREACHABLE, "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"deepsim: error: ConfigError: MLflow tracking URI {UNREACHABLE}: "
                                                "not reachable")
@@ -62,6 +62,7 @@ def test_with_a_fallback_an_unreachable_server_gives_a_warning_and_the_local_sto
 def _log_pipeline(uri: str, artifact_dir: Path) -> dict:
     """A parent run with two nested stage runs (one failed), params, a metric history, tags, artifacts; plus an
     unfinished run. Returns the source run ids by name."""
+    Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)  # a store's folder must exist
     tracking.setup_tracking(uri, "quick")
     (artifact_dir / "report").mkdir(parents=True)
     (artifact_dir / "report" / "results.csv").write_text("method,dice\nmse,0.5\n")
@@ -144,11 +145,11 @@ def test_sync_runs_redoes_a_copy_an_interrupted_sync_left_unfinished(tmp_path, m
 
 
 def test_sync_runs_refuses_a_missing_source_or_an_unreachable_destination_in_one_line(tmp_path, capsys):
-    assert main(["sync-runs", "--from", _store(tmp_path / "none.db"), "--to", _store(tmp_path / "b.db")]) == 2
+    assert main(["sync-runs", "--from", _store(tmp_path / "none.db"), "--to", _store(tmp_path / "b.db")]) == 1
     assert "ConfigError: --from sqlite:///" in capsys.readouterr().err
     _log_pipeline(_store(tmp_path / "a.db"), tmp_path / "files")
     capsys.readouterr()
-    assert main(["sync-runs", "--from", _store(tmp_path / "a.db"), "--to", UNREACHABLE]) == 2
+    assert main(["sync-runs", "--from", _store(tmp_path / "a.db"), "--to", UNREACHABLE]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"destination tracking URI {UNREACHABLE}: not reachable" in err[0]
 
@@ -200,12 +201,12 @@ def _tiny_profile(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_deepsim_run_with_failing_uploads_finishes_prints_its_table_and_exits_2_naming_them(tmp_path, monkeypatch,
+def test_deepsim_run_with_failing_uploads_finishes_prints_its_table_and_exits_1_naming_them(tmp_path, monkeypatch,
                                                                                            capsys):
     monkeypatch.setattr(mlflow, "log_artifact", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     out = tmp_path / "out"
     assert main(["run", "--profile", str(_tiny_profile(tmp_path)), "--losses", "mse", "--no-progress",
-                 "--out", str(out)]) == 2
+                 "--out", str(out)]) == 1
     captured = capsys.readouterr()
     assert "| mse |" in captured.out and (out / "models" / "registration_mse.pt").is_file()
     last = captured.err.strip().splitlines()[-1]
@@ -231,3 +232,69 @@ def test_deepsim_run_falls_back_to_a_local_store_and_its_runs_sync_to_the_server
     assert reg.data.tags["mlflow.parentRunId"] == parent.info.run_id
     paths = [a.path for a in MlflowClient(server).list_artifacts(reg.info.run_id, "checkpoint")]
     assert paths == ["checkpoint/registration_mse.pt"]
+
+
+# ------------------------------------------------------------------- issue 21.6: fail fast, one line, clean up
+def _read_only(folder: Path, monkeypatch) -> Path:
+    """``folder`` made read-only (mode r-x); for root, which may write anyway, os.access reports it as a user sees
+    it (a real write by root would succeed, so there is nothing else to simulate)."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == folder and mode & os.W_OK
+                            else real(p, mode, **k))
+    return folder
+
+
+def test_a_read_only_sqlite_folder_is_one_line_within_seconds(tmp_path, monkeypatch, capsys):
+    """Issue 21.6: a read-only sqlite folder failed after 114 s with 36 stderr lines."""
+    import time
+
+    store = _read_only(tmp_path / "ro", monkeypatch)
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    assert main(["run", "--profile", "quick", "--tracking-uri", _store(store / "mlflow.db"), "--out", str(out)]) == 1
+    assert time.perf_counter() - started < 60  # imports on a loaded machine included; the check is a stat call
+    err = capsys.readouterr().err
+    assert err == (f"deepsim: error: ConfigError: MLflow tracking URI {_store(store / 'mlflow.db')}: cannot write "
+                   f"into {store} (permission denied; SQLite needs to create its journal beside the database)\n")
+    assert not out.exists() and list(store.iterdir()) == []
+
+
+def test_a_mistyped_sqlite_path_is_one_line_and_creates_no_folder(tmp_path, capsys):
+    """Issue 21.6: `sqlite:////no/such/dir/mlflow.db` was created silently and the run exited 0."""
+    missing = tmp_path / "no" / "such" / "dir"
+    assert main(["run", "--profile", "quick", "--tracking-uri", _store(missing / "mlflow.db"),
+                 "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the folder {missing} does not exist" in err, err
+    assert not (tmp_path / "no").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("server", [UNREACHABLE, "http://192.0.2.1:5000"], ids=["refused", "no route"])
+def test_a_model_from_an_unreachable_server_fails_in_seconds_and_leaves_no_temporary_folder(tmp_path, monkeypatch,
+                                                                                           capsys, server):
+    """Issue 21.6: `--model runs:/<id>` against an unreachable server took 256 s and left a temporary folder.
+    192.0.2.1 (TEST-NET-1, RFC 5737) is never routed: a connection there hangs until the probe's timeout."""
+    import tempfile
+    import time
+
+    import numpy as np
+    import nibabel as nib
+
+    image = tmp_path / "f.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((12, 12, 12)).astype(np.float32), np.eye(4)), str(image))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    started = time.perf_counter()
+    assert main(["register", "--fixed", str(image), "--moving", str(image), "--model", "runs:/" + "0" * 32,
+                 "--tracking-uri", server, "--out", str(tmp_path / "reg"), "--no-progress"]) == 1
+    assert time.perf_counter() - started < 60  # imports on a loaded machine included; it took 256 s
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"ConfigError: MLflow tracking URI {server}: not reachable (no connection " \
+        f"within {tracking.PROBE_TIMEOUT_S:g} s" in err, err
+    assert list(scratch.iterdir()) == [] and not (tmp_path / "reg").exists()

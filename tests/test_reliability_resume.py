@@ -233,13 +233,13 @@ def test_resume_refuses_another_profile_seed_or_losses_and_an_output_folder_with
     from deepsim.workflow import load_profile
 
     out = tmp_path / "out"
-    assert main(["run", "--profile", "quick", "--resume", "--out", str(out)]) == 2
+    assert main(["run", "--profile", "quick", "--resume", "--out", str(out)]) == 1
     assert f"ConfigError: --resume: {out / 'run_record.json'} not found" in capsys.readouterr().err
     assert not out.exists()
     settings = run_settings(load_profile("quick"), 0, ["mse"])
     RunRecord.start(out, settings, f"sqlite:///{out / 'mlflow.db'}", "quick")
     assert main(["run", "--profile", "quick", "--losses", "mse", "ncc", "--seed", "1", "--resume", "--out",
-                 str(out)]) == 2
+                 str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--resume: {out} was started with other settings (losses ['mse'], now ['mse', " \
         "'ncc']; seed 0, now 1)" in err

@@ -8,11 +8,12 @@ saved fields; ``deepsim bundle-path`` locates a MONAI bundle.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from pathlib import Path
 
-from deepsim.errors import DeepsimError
+from deepsim.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, DeepsimError, UsageError, exit_code
 
 __all__ = ["main", "build_parser"]
 
@@ -31,20 +32,67 @@ _EPILOG = """examples:
   deepsim warp --field reg/ddf_mm.nii.gz --image M_seg.nii.gz --label --out M_seg_warped.nii.gz
   deepsim compare --from deepsim_output     # our models vs ANTs SyN and elastix (pip install ".[compare]" in a clone)
   python -m monai.bundle run --config_file "['$(deepsim bundle-path)/configs/common.json','$(deepsim bundle-path)/configs/train_feature_seg.json']"
+
+exit status:
+  0 success; 1 a problem with input files, configs, checkpoints, output folders, tracking stores or devices
+  (one line on stderr: "deepsim: error: <Type>: <what>: <problem>"); 2 a wrong command line (unknown flag or a
+  value of the wrong form); 130 interrupted (Ctrl-C). deepsim never overwrites files it did not write: a non-empty
+  --out folder it did not create needs --overwrite (docs/reliability.md).
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``deepsim run: error: argument --seed: ... (see deepsim run --help)``, exit 2
+    (argparse's own prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _value(kind, check, wanted: str):
+    """An argparse ``type`` converting with ``kind`` and accepting values where ``check(value)`` holds."""
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+    convert.__name__ = wanted  # argparse names the type in some messages
+    return convert
+
+
+_SEED = _value(int, lambda v: 0 <= v < 2**32, "an integer seed from 0 to 2**32 - 1")
+_POSITIVE = _value(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+_NON_NEGATIVE = _value(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+_COUNT = _value(int, lambda v: v >= 0, "an integer >= 0")
+_PAIRS = _value(int, lambda v: v >= 1, "an integer >= 1")
+
+
+def _device(text: str) -> str:
+    from deepsim.devices import parse_device
+
+    try:
+        return parse_device(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
 
 
 def _add_output_options(parser: argparse.ArgumentParser, out_default: str, out_help: str) -> None:
     """The options every training command shares: output folder, MLflow URI, device, progress bars."""
     parser.add_argument("--out", type=Path, default=Path(out_default), help=out_help)
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
-    parser.add_argument("--device", default=None,
+    parser.add_argument("--device", type=_device, default=None,
                         help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out folder that deepsim did not create (files of the names "
+                        "deepsim writes are replaced; the user's other files and data are never deleted)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deepsim",
         description="Learned image registration with semantic (DeepSim) similarity metrics: data -> feature "
         "pretraining -> registration training -> evaluation, tracked in MLflow.",
@@ -66,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(run, "deepsim_output", "output folder: data/, models/, report/ and the MLflow store mlflow.db")
     run.add_argument("--losses", nargs="+", default=None, metavar="LOSS",
                      help="similarity losses to train (default: the profile's list): mse ncc deepsim-ae deepsim-seg")
-    run.add_argument("--seed", type=int, default=0, help="random seed (data synthesis, pairs, initialisation)")
+    run.add_argument("--seed", type=_SEED, default=0, help="random seed (data synthesis, pairs, initialisation)")
     run.add_argument("--distributed", action="store_true",
                      help="data-parallel training (DDP) on every process of a torchrun job: launch as torchrun "
                      "--nproc_per_node=N -m deepsim.cli run --distributed ... (docs/distributed.md)")
@@ -90,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(paper_gpu.json)")
     rep.add_argument("--config", default=None, help="an experiment config name or JSON path (overrides --scale)")
     rep.add_argument("--datasets", nargs="+", default=None, metavar="NAME", help="subset of the config's datasets")
-    rep.add_argument("--seeds", nargs="+", type=int, default=None, help="override the config's seeds")
+    rep.add_argument("--seeds", nargs="+", type=_SEED, default=None, help="override the config's seeds")
     _add_output_options(rep, "deepsim_reproduce", "output folder: one folder per dataset and seed, report/, mlflow.db")
     rep.add_argument("--no-resume", action="store_true", help="retrain seeds whose results already exist in --out")
     swp = sub.add_parser(
@@ -105,15 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--profile", default="paper_brain", help="profile name or JSON path")
     swp.add_argument("--losses", nargs="+", default=None, metavar="LOSS", help="losses (default: the profile's)")
     grid = swp.add_mutually_exclusive_group()
-    grid.add_argument("--grid", nargs="+", type=float, default=None, metavar="LAMBDA",
+    grid.add_argument("--grid", nargs="+", type=_NON_NEGATIVE, default=None, metavar="LAMBDA",
                       help="the same λ values for every loss (default: 0.0625 0.25 1 4)")
-    grid.add_argument("--relative", nargs="+", type=float, default=None, metavar="FACTOR",
+    grid.add_argument("--relative", nargs="+", type=_POSITIVE, default=None, metavar="FACTOR",
                       help="per-loss grids: each loss's current λ (profile, else bundle default) times these factors")
-    swp.add_argument("--max-folding", type=float, default=1.0, help="folding %% allowed for a chosen λ")
+    swp.add_argument("--max-folding", type=_NON_NEGATIVE, default=1.0, help="folding %% allowed for a chosen λ")
     _add_output_options(swp, "deepsim_sweep", "output folder: data/, models/, sweep/ and mlflow.db")
     swp.add_argument("--update-profile", type=Path, nargs="+", default=None, metavar="JSON",
                      help="write the chosen λ into the 'lambdas' map of these profile files")
-    swp.add_argument("--seed", type=int, default=0, help="random seed")
+    swp.add_argument("--seed", type=_SEED, default=0, help="random seed")
     rp = sub.add_parser(
         "report",
         help="rebuild a reproduction report from all_results.csv files (e.g. datasets run on different machines)",
@@ -140,10 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--network-only gives the network's prediction alone (fastest), --no-network the classical path. The "
         "result is mapped back onto the fixed image's own grid. Writes into --out: warped.nii.gz (fixed grid, "
         "affine and header), ddf_mm.nii.gz (the whole transform as a displacement field in mm, LPS components: "
-        "ITK's DisplacementFieldTransform, SimpleITK and ANTs apply it), jacobian_det.nii.gz, warped_label.nii.gz "
-        "(with --moving-label), affine.tfm (the affine stage, ITK format) and registration.json (Dice "
-        "before/after with both label maps, folding %%, std log|J|, stages, timings). Nothing is written if any "
-        "step fails.",
+        "ITK's DisplacementFieldTransform, SimpleITK and ANTs apply it — except for a fixed image with sheared "
+        "voxel axes, which ITK cannot represent: then only nibabel and deepsim warp read it), jacobian_det.nii.gz, "
+        "warped_label.nii.gz (with --moving-label), affine.tfm (the affine stage, ITK format) and "
+        "registration.json (Dice before/after with both label maps, folding %%, std log|J|, stages, timings). "
+        "Nothing is written if any step fails; --out must be a new or empty folder, or one deepsim register wrote "
+        "(--overwrite for others), and no output ever replaces an input.",
         epilog="examples:\n"
         "  deepsim register --fixed sub-01_T1w.nii.gz --moving sub-02_T1w.nii.gz --out reg/   # shipped brain model\n"
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --fixed-label FL.nii.gz --moving-label ML.nii.gz "
@@ -171,10 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "model shipped with deepsim (1 mm T1-weighted, skull-stripped)")
     rg.add_argument("--similarity", default=None,
                     help="which model of a folder/run holding several (e.g. mse, deepsim-seg)")
-    rg.add_argument("--spacing", type=float, default=None, metavar="MM",
+    rg.add_argument("--spacing", type=_POSITIVE, default=None, metavar="MM",
                     help="the model's training voxel spacing, for checkpoints that do not record it (with "
                     "--no-network: the spacing of the grid the optimisation runs on; default the fixed image's)")
-    rg.add_argument("--out", type=Path, required=True, help="output folder")
+    rg.add_argument("--out", type=Path, required=True,
+                    help="output folder (new, empty, or one deepsim register wrote before; see --overwrite)")
+    rg.add_argument("--overwrite", action="store_true",
+                    help="write into a non-empty folder deepsim did not create, replacing files of the output names "
+                    "(never an input)")
     stages = rg.add_argument_group("stages (default: affine, network, instance optimisation)")
     stages.add_argument("--affine", dest="affine", action="store_true", default=True,
                         help="the affine stage (the default; kept for old command lines)")
@@ -187,16 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--network-only", action="store_true",
                         help="the network's prediction alone: no affine stage, no instance optimisation (fastest; "
                         "needs images roughly aligned like the model's training pairs)")
-    stages.add_argument("--iterations", type=int, nargs="+", default=[50, 30, 20], metavar="N",
+    stages.add_argument("--iterations", type=_COUNT, nargs="+", default=[50, 30, 20], metavar="N",
                         help="instance optimisation steps per pyramid level (shrink 4, 2, 1), or one number for "
                         "all levels; each level also stops on a loss plateau; 0: no instance optimisation")
     stages.add_argument("--loss", default=None,
                         choices=["ncc", "mse", "mind", "nmi", "deepsim-ae", "deepsim-seg"],
                         help="instance optimisation loss (default: the model's own; deepsim-* need the model's "
                         "feature net beside it; mind or nmi for different contrasts)")
-    stages.add_argument("--learning-rate", type=float, default=0.5,
+    stages.add_argument("--learning-rate", type=_POSITIVE, default=0.5,
                         help="instance optimisation: the longest step, in voxels of each level")
-    rg.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    rg.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu or cuda:0")
     rg.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --model runs:/<id>")
     rg.add_argument("--no-progress", action="store_true", help="hide progress bars")
     cp = sub.add_parser(
@@ -218,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "for each trained loss (default: all of these); also affine+<loss> (affine, then the network) "
                     "and <net>+io-<loss> / affine+io-<loss> (another instance optimisation loss: ncc, mse, mind, nmi, "
                     "deepsim-ae, deepsim-seg)")
-    cp.add_argument("--max-pairs", type=int, default=None, help="only the first N test pairs (quick checks)")
+    cp.add_argument("--max-pairs", type=_PAIRS, default=None, help="only the first N test pairs (quick checks)")
     cp.add_argument("--table", type=Path, default=None,
                     help="also copy the Markdown report here (e.g. benchmarks/results/compare_brain_mri_cpu.md)")
     _add_output_options(cp, "deepsim_compare", "output folder: compare.md, results.csv, compare.png")
@@ -232,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wp.add_argument("--field", type=Path, required=True, help="displacement field NIfTI")
     wp.add_argument("--image", type=Path, required=True, help="image or label map to warp")
-    wp.add_argument("--out", type=Path, required=True, help="output NIfTI path")
+    wp.add_argument("--out", type=Path, required=True,
+                    help="output NIfTI path (.nii.gz or .nii); never one of the inputs")
+    wp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     wp.add_argument("--label", action="store_true", help="nearest-neighbour resampling of a label map")
     sy = sub.add_parser(
         "sync-runs",
@@ -261,6 +317,27 @@ def _user_error(exc: BaseException) -> DeepsimError | None:
     return None
 
 
+def _own(args: argparse.Namespace, command: str):
+    """Hold ``args.out`` for ``command``: refused if deepsim did not create it (without --overwrite) or if another
+    deepsim process is writing there (:mod:`deepsim.output_folder`)."""
+    from deepsim.output_folder import own_output_folder
+
+    return own_output_folder(args.out, command, args.overwrite)
+
+
+def _check_command_line(args: argparse.Namespace) -> None:
+    """What argparse cannot check alone, before any work: loss names, and that ``--device`` exists here."""
+    from deepsim.devices import check_available
+
+    if getattr(args, "losses", None):
+        from deepsim.registration.similarity import SIMILARITY_NAMES
+
+        unknown = [loss for loss in args.losses if loss not in SIMILARITY_NAMES]
+        if unknown:
+            raise UsageError(f"--losses: unknown losses {unknown}; choose from {list(SIMILARITY_NAMES)}")
+    check_available(getattr(args, "device", None))
+
+
 def _run(args: argparse.Namespace) -> int:
     from deepsim.workflow import load_profile, run_pipeline
 
@@ -269,7 +346,8 @@ def _run(args: argparse.Namespace) -> int:
         return _run_distributed(args, profile)
     summary, uri = run_pipeline(profile, args.out, tracking_uri=args.tracking_uri, losses=args.losses,
                                 device=args.device, seed=args.seed, progress=not args.no_progress,
-                                resume=args.resume, tracking_fallback=args.tracking_fallback == "local")
+                                resume=args.resume, tracking_fallback=args.tracking_fallback == "local",
+                                overwrite=args.overwrite)
     _print_run_summary(summary, uri, args.out)
     return _uploads_done()
 
@@ -307,7 +385,7 @@ def _run_distributed(args: argparse.Namespace, profile) -> int:
         summary, uri = run_pipeline(profile, args.out, tracking_uri=args.tracking_uri, losses=args.losses,
                                     device=args.device, seed=args.seed, progress=not args.no_progress,
                                     distributed=True, resume=args.resume,
-                                    tracking_fallback=args.tracking_fallback == "local")
+                                    tracking_fallback=args.tracking_fallback == "local", overwrite=args.overwrite)
     finally:
         distributed.destroy()
     if summary is not None:
@@ -333,10 +411,11 @@ def _reproduce(args: argparse.Namespace) -> int:
     experiment = load_experiment(args.config or ("paper_cpu" if args.scale == "quick" else "paper_gpu"))
     via_cli = sys.argv[0].endswith(("deepsim", "cli.py"))
     command = "deepsim " + " ".join(sys.argv[1:]) if via_cli else "deepsim reproduce"
-    path, _ = run_reproduction(experiment, args.out, datasets=args.datasets, seeds=args.seeds, device=args.device,
-                               tracking_uri=args.tracking_uri, progress=not args.no_progress,
-                               resume=not args.no_resume, command=command,
-                               report_name=experiment.name)
+    with _own(args, "deepsim reproduce"):
+        path, _ = run_reproduction(experiment, args.out, datasets=args.datasets, seeds=args.seeds, device=args.device,
+                                   tracking_uri=args.tracking_uri, progress=not args.no_progress,
+                                   resume=not args.no_resume, command=command,
+                                   report_name=experiment.name)
     print(path.read_text())
     return _uploads_done()
 
@@ -379,9 +458,10 @@ def _sweep(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     losses = args.losses or profile.losses
     grid = relative_grid(profile, losses, args.relative) if args.relative else (args.grid or DEFAULT_GRID)
-    table, chosen = run_sweep(profile, args.out, losses, grid,
-                              seed=args.seed, device=args.device, tracking_uri=args.tracking_uri,
-                              progress=not args.no_progress, max_folding_pct=args.max_folding)
+    with _own(args, "deepsim sweep"):
+        table, chosen = run_sweep(profile, args.out, losses, grid,
+                                  seed=args.seed, device=args.device, tracking_uri=args.tracking_uri,
+                                  progress=not args.no_progress, max_folding_pct=args.max_folding)
     print(format_sweep(table, chosen, profile.name, args.max_folding))
     for path in args.update_profile or []:
         update_profile(path, chosen)
@@ -392,18 +472,18 @@ def _sweep(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace, command: list[str]) -> int:
     from deepsim.experiments.compare_run import run_comparison
 
-    print(run_comparison(args.run_dir, args.out, methods=args.methods, max_pairs=args.max_pairs,
-                         tracking_uri=args.tracking_uri, device=args.device or "cpu",
-                         progress=not args.no_progress, table=args.table, command=" ".join(command)))
+    with _own(args, "deepsim compare"):
+        text = run_comparison(args.run_dir, args.out, methods=args.methods, max_pairs=args.max_pairs,
+                              tracking_uri=args.tracking_uri, device=args.device or "cpu",
+                              progress=not args.no_progress, table=args.table, command=" ".join(command))
+    print(text)
     return _uploads_done()
 
 
 def _register_stages(args: argparse.Namespace) -> dict:
     """The stage options of ``deepsim register`` as keyword arguments of ``register_files``."""
-    from deepsim.errors import ConfigError
-
     if args.network_only and not args.network:
-        raise ConfigError("--network-only and --no-network exclude each other")
+        raise UsageError("--network-only and --no-network exclude each other")
     if args.network_only:
         return {"affine": False, "network": True, "iterations": 0}
     return {"affine": args.affine, "network": args.network, "iterations": args.iterations, "loss": args.loss,
@@ -413,26 +493,25 @@ def _register_stages(args: argparse.Namespace) -> dict:
 def _register(args: argparse.Namespace) -> int:
     import json
 
-    from deepsim.errors import ConfigError
     from deepsim.registration.inference import register_files, register_pairs
 
     if args.pairs is not None:
         if args.fixed or args.moving or args.fixed_label or args.moving_label:
-            raise ConfigError("--pairs replaces --fixed/--moving/--fixed-label/--moving-label; give one or the other")
+            raise UsageError("--pairs replaces --fixed/--moving/--fixed-label/--moving-label; give one or the other")
         rows = register_pairs(args.pairs, args.out, model=args.model, device=args.device, similarity=args.similarity,
                               tracking_uri=args.tracking_uri, spacing_mm=args.spacing, **_register_stages(args),
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, overwrite=args.overwrite)
         for row in rows:
             dice = "" if row["dice_after"] is None else f"Dice {row['dice_before']:.4f} -> {row['dice_after']:.4f}; "
             print(f"{row['name']}: {dice}folding {row['folding_pct']:.4f} %; {row['seconds']:.2f} s")
         print(f"{len(rows)} pairs registered into {args.out} (summary: {args.out / 'registrations.csv'})")
         return 0
     if args.fixed is None or args.moving is None:
-        raise ConfigError("deepsim register needs --fixed and --moving (or --pairs CSV)")
+        raise UsageError("deepsim register needs --fixed and --moving (or --pairs CSV)")
     written = register_files(args.fixed, args.moving, args.out, model=args.model, fixed_label=args.fixed_label,
                              moving_label=args.moving_label, device=args.device, similarity=args.similarity,
                              tracking_uri=args.tracking_uri, spacing_mm=args.spacing, **_register_stages(args),
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, overwrite=args.overwrite)
     report = json.loads(written["report"].read_text())
     for name, path in written.items():
         print(f"{name:13s} {path}")
@@ -443,12 +522,17 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one ``deepsim`` command; returns the exit status (see the epilog: 0, 1, 2 or 130)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0), or a usage error already printed in one line (2)
+        return exc.code if isinstance(exc.code, int) else 0
     # Emitted by torch inside MONAI's Warp on every call; not actionable for users.
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
     # MONAI's Warp announces its (only) backend on construction: noise before our one-line errors.
     warnings.filterwarnings("ignore", message="monai.networks.blocks.Warp: Using PyTorch native grid_sample")
     try:
+        _check_command_line(args)
         if args.command == "bundle-path":
             from deepsim.workflow import bundle_dir
 
@@ -469,18 +553,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "warp":
             from deepsim.registration.inference import apply_field
 
-            print(apply_field(args.field, args.image, args.out, label=args.label))
+            print(apply_field(args.field, args.image, args.out, label=args.label, overwrite=args.overwrite))
             return 0
         return _run(args)
     except KeyboardInterrupt:
         print("deepsim: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:
         error = _user_error(exc)
-        if error is None:
-            raise
-        print(f"deepsim: error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 2
+        if error is not None:
+            print(f"deepsim: error: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
+            return exit_code(error)
+        system = _system_error(exc)
+        if system is None:
+            raise  # a bug in deepsim: the traceback is what a bug report needs
+        print(f"deepsim: error: {type(system).__name__}: {_one_line(system)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _system_error(exc: BaseException) -> OSError | None:
+    """The operating system's error in an exception chain (permission denied, disk full, read-only file system):
+    the machine's state, not a deepsim bug, so reported in one line."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":

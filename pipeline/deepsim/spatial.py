@@ -62,14 +62,34 @@ def warp_image(image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
 
 
 def warp_labels(labels: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
-    """Nearest-neighbour warp of an integer label map; label values are preserved exactly.
+    """Nearest-neighbour warp of an integer label map; label values are preserved exactly, whatever their size.
 
-    labels: (B, 1, *S) integer, ddf: (B, ndim, *S) voxels -> (B, 1, *S) with the dtype of ``labels``.
-    Has no useful gradient: use :func:`warp_onehot` for training with labels.
+    labels: (B, C, *S) integer (C is usually 1), ddf: (B, ndim, *S) voxels -> (B, C, *S) with the dtype of
+    ``labels``. The sampling positions ``x + u(x)`` are rounded (half to even, as ``grid_sample``'s nearest mode) in
+    float64 and the labels are gathered in their own dtype, never converted through floats: uint32 and int64 values
+    above 2**31 (or 2**53) come back exactly. Outside the image: 0. Has no useful gradient: use :func:`warp_onehot`
+    for training with labels.
     """
     _check_pair(labels, ddf)
-    # float64 holds every int32 label value exactly, float32 only those below 2**24.
-    return _nearest_warp(labels.double(), ddf.double()).round().to(labels.dtype)
+    spatial = tuple(labels.shape[2:])
+    ndim, batch, channels = len(spatial), labels.shape[0], labels.shape[1]
+    view = (1, ndim, *[1] * ndim)
+    index = torch.round(identity_grid(spatial, ddf.device).double()[None] + ddf.double()).long()
+    upper = torch.tensor(spatial, device=ddf.device).view(view) - 1
+    inside = ((index >= 0) & (index <= upper)).all(dim=1, keepdim=True)  # (B, 1, *S)
+    index = torch.minimum(index.clamp_min(0), upper)
+    flat = index[:, 0]
+    for axis in range(1, ndim):
+        flat = flat * spatial[axis] + index[:, axis]
+    flat = flat.reshape(flat.shape[0], 1, -1).expand(batch, channels, -1)
+    # gather copies bits: unsigned types torch cannot gather travel as the signed type of the same width
+    work = labels.view(_SIGNED_TWIN.get(labels.dtype, labels.dtype))
+    out = torch.gather(work.reshape(batch, channels, -1), 2, flat).reshape(labels.shape)
+    out = torch.where(inside, out, torch.zeros((), dtype=work.dtype, device=work.device))
+    return out.view(labels.dtype)
+
+
+_SIGNED_TWIN = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
 
 
 def warp_onehot(onehot: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:

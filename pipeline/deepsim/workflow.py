@@ -24,6 +24,7 @@ from typing import Any
 from deepsim.engine.distributed import barrier, is_main_process
 from deepsim.config_check import check_profile
 from deepsim.errors import ConfigError
+from deepsim.output_folder import check_apart, check_output_folder, check_replaceable, own_output_folder
 from deepsim.registration.similarity import FEATURE_NET_OF, SIMILARITY_NAMES
 from deepsim.run_record import RunRecord, run_settings
 from deepsim.tracking import mlflow_tracking as tracking
@@ -133,7 +134,9 @@ def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = No
     from monai.bundle import ConfigWorkflow
 
     # MONAI's bundle runner logs that we pass no logging file and no workflow type on every stage: noise here.
-    logging.getLogger("monai.bundle").setLevel(logging.ERROR)
+    # (monai.bundle.workflows has its own logger and level: setting its parent's is not enough)
+    for name in ("monai.bundle", "monai.bundle.workflows"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     bundle = bundle or bundle_dir()
     configs = bundle / "configs"
     files = [configs / "common.json", configs / STAGE_FILES[stage]]
@@ -224,6 +227,7 @@ def run_pipeline(
     distributed: bool = False,
     resume: bool = False,
     tracking_fallback: bool = False,
+    overwrite: bool = False,
 ) -> tuple[Any, str]:
     """Run every stage of ``profile`` into ``output_dir``.
 
@@ -241,9 +245,17 @@ def run_pipeline(
     :mod:`deepsim.run_record`): same MLflow parent and stage runs, finished stages skipped, the interrupted training
     stage restored from its last training state. ``tracking_fallback=True``: an unreachable ``tracking_uri`` logs to
     ``<output_dir>/mlflow.db`` with a warning instead of stopping the run.
+
+    The output folder is held for the whole run (:func:`deepsim.output_folder.own_output_folder`, not when
+    ``nested``): a non-empty folder deepsim did not create is refused unless ``overwrite``, and a second run into it
+    meanwhile stops at once. Everything that can be checked without writing is checked first: losses, the dataset's
+    place (never inside the output folder), the folder, the tracking store.
     """
     output_dir = Path(output_dir).resolve()
     losses = check_losses(losses or profile.losses)  # before anything is written
+    dataset = profile.common.get("dataset")
+    if isinstance(dataset, str) and dataset not in ("embedded", "cells", "toy") and Path(dataset).exists():
+        check_apart(dataset, output_dir / "data", "the profile's dataset")
     settings = run_settings(profile, seed, losses)
     record = RunRecord.load(output_dir) if resume else None
     if record is not None:
@@ -252,6 +264,22 @@ def run_pipeline(
             raise ConfigError(f"--resume: the runs of {output_dir} are in {record.tracking_uri}, not {tracking_uri}; "
                               "resume without --tracking-uri (copy them over afterwards with deepsim sync-runs)")
         tracking_uri = record.tracking_uri
+    if nested or not is_main_process():
+        return _run_pipeline(profile, output_dir, tracking_uri, losses, device, seed, progress, nested, distributed,
+                             resume, tracking_fallback, settings, record)
+    check_output_folder(output_dir, "deepsim run", overwrite)
+    check_replaceable(output_dir / "data")  # with --overwrite too: prepared data never replace the user's files
+    if tracking_uri is not None and not tracking_fallback:
+        tracking.check_store(tracking_uri)  # an unreachable server or a missing folder: stop before writing
+    with own_output_folder(output_dir, "deepsim run", overwrite):
+        return _run_pipeline(profile, output_dir, tracking_uri, losses, device, seed, progress, nested, distributed,
+                             resume, tracking_fallback, settings, record)
+
+
+def _run_pipeline(profile: Profile, output_dir: Path, tracking_uri: str | None, losses: list[str],
+                  device: str | None, seed: int, progress: bool, nested: bool, distributed: bool, resume: bool,
+                  tracking_fallback: bool, settings: dict, record: RunRecord | None) -> tuple[Any, str]:
+    """:func:`run_pipeline` once the output folder is held (and a resumed run's record checked)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     main = is_main_process()
     if nested:

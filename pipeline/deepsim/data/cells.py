@@ -35,7 +35,6 @@ import hashlib
 import importlib.util
 import json
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,6 +42,7 @@ import numpy as np
 
 from deepsim.data.datasets import DATALIST, _cached, _common_keys, _params_hash, _publish, write_volume
 from deepsim.errors import DatasetError
+from deepsim.io import make_staging_dir
 
 __all__ = [
     "CELL_LABEL_NAMES",
@@ -264,8 +264,7 @@ def prepare_cells_timelapse(
     if empty:
         raise DatasetError(f"split_at {split} with time_gaps {gaps} leaves no frame pair in {empty}")
     content: dict = {s: [] for s in _SPLITS}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp_dir = make_staging_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     foreground = []
     try:
         for t in tqdm(range(len(frames)), desc="cells time-lapse", disable=not progress, unit="frame"):

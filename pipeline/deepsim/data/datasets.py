@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -45,7 +44,9 @@ from deepsim.data.transforms import (
     loading_transforms,
     preprocessing_transforms,
 )
-from deepsim.errors import DatasetError
+from deepsim.errors import DatasetError, OutputError
+from deepsim.io import make_staging_dir, smallest_label_dtype
+from deepsim.output_folder import check_apart, replace_folder
 
 __all__ = [
     "DEFAULT_TRAIN_DONORS",
@@ -54,6 +55,7 @@ __all__ = [
     "prepare_user_dataset",
     "load_datalist",
     "write_volume",
+    "datalist_spacing",
 ]
 
 # Donors 9861 and 10021 come on a different grid (185×180×192) and have smaller brains than the other four:
@@ -64,7 +66,7 @@ DEFAULT_TEST_DONORS: tuple[str, ...] = ("10021", "15496", "15697")
 #: With ``alignment="affine"`` every embedded donor is aligned to this (training) donor; see :mod:`deepsim.data.alignment`.
 REFERENCE_DONOR = "12876"
 DATALIST = "datalist.json"
-_FORMAT_VERSION = 3  # bump when the preprocessing changes, so cached folders are rebuilt
+_FORMAT_VERSION = 4  # bump when the preprocessing changes, so cached folders are rebuilt
 _SPLITS = ("training", "validation", "test")
 
 
@@ -83,8 +85,7 @@ def write_volume(tensor: torch.Tensor, affine: np.ndarray, path: Path, is_label:
     array = np.asarray(tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else tensor)
     array = array.reshape(array.shape[-3:])
     if is_label:
-        small = array.size == 0 or (array.min() >= -(2**15) and array.max() < 2**15)
-        array = array.astype(np.int16 if small else np.int32)
+        array = array.astype(smallest_label_dtype(array))
     else:
         array = array.astype(np.float32)
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
@@ -115,20 +116,13 @@ def _cached(out_dir: Path, params_hash: str) -> Path | None:
 
 
 def _publish(tmp_dir: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` (absent, empty, or an earlier dataset of ours) by ``tmp_dir`` with renames only."""
-    if out_dir.exists():
-        ours = out_dir.is_dir() and all(
-            p.name == DATALIST or p.name.endswith((".nii.gz", ".nii")) for p in out_dir.iterdir()
-        )
-        if not ours:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise DatasetError(f"{out_dir} exists and holds files other than a deepsim dataset; choose another folder")
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, trash / "d")
-        os.replace(tmp_dir, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, out_dir)
+    """Replace ``out_dir`` (absent, empty, or a dataset deepsim wrote) by ``tmp_dir`` with renames only; a folder
+    holding any file deepsim did not write is refused, nothing deleted (:func:`deepsim.output_folder.replace_folder`)."""
+    try:
+        replace_folder(tmp_dir, out_dir)
+    except OutputError:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
 
 
 def _write_datalist(tmp_dir: Path, content: dict) -> None:
@@ -263,8 +257,7 @@ def prepare_embedded_brains(
     if alignment == "affine":
         grid_affine, transforms = _align_donors(loaded, str(reference_donor), float(spacing_mm), roi, seed, progress)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp_dir = make_staging_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     normalise = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
     grid = Chain(grid_transforms(spacing_mm, roi))
 
@@ -466,6 +459,7 @@ def prepare_user_dataset(
     source, out_dir = Path(source), Path(out_dir)
     if not source.exists():
         raise DatasetError(f"{source} does not exist")
+    check_apart(source, out_dir, "dataset")
     splits = _pairs_from_datalist(source) if source.is_file() else {"training": _pairs_from_folder(source)}
     if "test" not in splits:
         splits["training"], splits["test"] = _split_by_subject(splits["training"], seed)
@@ -497,8 +491,7 @@ def prepare_user_dataset(
                 unique[key] = name
     jobs = [{"image": k[0], "label": k[1], "id": v} for k, v in unique.items()]
     chain = preprocessing_transforms(spacing_mm, roi)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp_dir = make_staging_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     values: set[int] = {0}
 
     def run(job: dict) -> dict:
@@ -563,6 +556,13 @@ def load_datalist(path: Path) -> dict:
             for key in ("image", "label"):
                 item[key] = _resolve_inside(path.parent, item[key], path)
     return content
+
+
+def datalist_spacing(datalist_path: Path | str) -> float | None:
+    """The voxel spacing the prepared data really have (the datalist's ``spacing_mm``): what a checkpoint records,
+    so ``deepsim register`` resamples to the grid the network was trained on, whatever a profile asked for."""
+    value = load_datalist(Path(datalist_path)).get("spacing_mm")
+    return None if value is None else float(value)
 
 
 def label_values(datalist_path: Path | str) -> list[int]:

@@ -8,7 +8,6 @@ default ``torch.utils.data.DataLoader`` (or MONAI's ``list_data_collate``) batch
 from __future__ import annotations
 
 import json
-import tempfile
 from itertools import permutations
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch.utils.data import Dataset
 from deepsim.data.datasets import DATALIST, _publish, load_datalist, write_volume
 from deepsim.data.synthesis import sample_synthesis_params, synthesize_t1
 from deepsim.errors import DatasetError
+from deepsim.io import make_staging_dir
 
 __all__ = ["PairDataset", "SubjectImages", "make_toy_dataset"]
 
@@ -202,8 +202,7 @@ def make_toy_dataset(out_dir: Path, shape: tuple[int, int, int] = (32, 32, 32), 
     n_test = max(2, n_subjects // 4)
     subjects = [f"toy{i:02d}" for i in range(n_subjects)]
     roles = {s: ("test" if i >= n_subjects - n_test else "training") for i, s in enumerate(subjects)}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp_dir = make_staging_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     content: dict = {"training": [], "validation": [], "test": []}
     for s in subjects:
         labels = _toy_labels(shape, rng)

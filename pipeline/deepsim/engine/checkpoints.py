@@ -7,6 +7,7 @@ builders from :data:`BUILDERS`; the state dict is loaded with ``strict=True``.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from deepsim.engine.distributed import unwrap
-from deepsim.errors import CheckpointError
+from deepsim.errors import CheckpointError, first_line
 from deepsim.io import atomic_write
 from deepsim.features.networks import build_feature_net
 from deepsim.registration.network import RegistrationNet
@@ -72,6 +73,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found (run the stage that trains it first)")
+    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise CheckpointError(f"{path}: not a deepsim checkpoint: {_what_file(path)}, not a file written by "
+                              "torch.save (a checkpoint is registration_<loss>.pt or feature_<kind>.pt)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt/unsafe files
@@ -81,13 +85,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+def _what_file(path: Path) -> str:
+    """A few words on what a file that is not a zip archive looks like (its first bytes)."""
+    head = path.read_bytes()[:352] if path.stat().st_size else b""
+    if not head:
+        return "an empty file"
+    if head[:2] == b"\x1f\x8b":
+        return "a gzip file (a .nii.gz image?)"
+    nifti1 = int.from_bytes(head[:4], "little") == 348 and head[344:347] in (b"n+1", b"ni1")
+    nifti2 = int.from_bytes(head[:4], "little") == 540 and head[4:7] in (b"n+2", b"ni2")
+    if nifti1 or nifti2:
+        return "a NIfTI image"
+    if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+        return "a plain pickle (not torch's zip format: truncated, or from a very old torch)"
+    if all(32 <= c < 127 or c in (9, 10, 13) for c in head[:64]):
+        return "a text file"
+    return "a truncated or unknown file (no zip archive inside)"
+
+
 def load_failure(exc: BaseException) -> str:
     """Why ``torch.load(weights_only=True)`` failed, in a few words (torch's own message runs over many lines)."""
     import pickle
 
     if isinstance(exc, pickle.UnpicklingError):
         return "it holds pickled Python objects, which are never loaded: torch.load(weights_only=True)"
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+    return f"{type(exc).__name__}: {first_line(exc, 160)}"
 
 
 def build_network(builder: str, kwargs: dict) -> nn.Module:

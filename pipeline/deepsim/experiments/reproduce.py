@@ -136,6 +136,7 @@ def run_reproduction(
         raise ConfigError(f"none of the datasets {list(datasets or [])} is in experiment {experiment.name!r} "
                           f"({[d['name'] for d in experiment.datasets]})")
     seeds = [int(s) for s in (seeds if seeds is not None else experiment.seeds)]
+    output_dir.mkdir(parents=True, exist_ok=True)  # the default store lives in it (a store's folder must exist)
     uri = tracking.setup_tracking(tracking_uri or tracking.default_tracking_uri(output_dir), experiment.experiment)
     tags = {"git_commit": tracking.git_commit(), "kind": "reproduce", "experiment_config": experiment.name}
     frames, galleries = [], {}

@@ -17,14 +17,17 @@ affine (and header, for the warped image):
 - ``affine.tfm`` (with the affine stage): the affine alone, an ITK transform file (SimpleITK, ANTs, Slicer read it);
 - ``registration.json``: inputs, model, timings, and, with both label maps, Dice before/after, folding, std log|J|.
 
-Files are written to a temporary folder first and moved into place at the end: a failure leaves no output.
+Files are written to a temporary folder first and moved into place at the end: a failure leaves no output. The
+output folder and every target are checked before any work (:mod:`deepsim.output_folder`: never an input, a folder,
+or a file deepsim did not write), and so is the geometry (:mod:`deepsim.registration.overlap`: images that do not
+overlap, grids of absurd size).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,11 +41,14 @@ import torch
 from deepsim.errors import ConfigError, DatasetError
 from deepsim.evaluation.dice import dice_per_label, mean_dice
 from deepsim.evaluation.jacobian import folding_percent, jacobian_determinant, std_log_jacobian
-from deepsim.io import load_displacement, read_image, save_displacement, save_itk_affine, save_like, save_volume
+from deepsim.io import (has_shear, load_displacement, make_staging_dir, read_image, save_displacement, save_itk_affine,
+                        save_like, save_volume, smallest_label_dtype)
+from deepsim.output_folder import check_output_file, check_targets, publish_files
 from deepsim.registration.affine import AffineRegistration
 from deepsim.registration.geometry import Grid, apply_affine, grid_points, linear_part, sample_at
 from deepsim.registration.instance import InstanceOptimisation, instance_similarity
 from deepsim.registration.model import RegistrationModel, resolve_model
+from deepsim.registration.overlap import check_extent, check_overlap
 from deepsim.registration.pipeline import Registrar
 from deepsim.spatial import ddf_world_to_voxel
 
@@ -106,9 +112,12 @@ def _check_label(label: NativeImage, image: NativeImage) -> np.ndarray:
 
 
 def _integer_labels(values: np.ndarray, message: str) -> np.ndarray:
-    """``values`` as int64; DatasetError(``message``) if a float map holds non-integer values."""
+    """``values`` as int64 (exact for every integer type up to int64 and uint64 below 2**63); DatasetError(``message``)
+    if a float map holds non-integer values."""
     if np.issubdtype(values.dtype, np.floating) and not np.array_equal(values, np.round(values)):
         raise DatasetError(message)
+    if values.dtype == np.uint64 and values.size and values.max() > np.iinfo(np.int64).max:
+        raise DatasetError(message.split(":")[0] + ": label values above 2**63 - 1 are not supported")
     return values.astype(np.int64)
 
 
@@ -170,6 +179,7 @@ def register_files(
     network: bool = True,
     loss: str | None = None,
     affine_metric: str = "ncc",
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Register ``moving`` to ``fixed`` and write the outputs listed in the module docstring into ``out_dir``.
 
@@ -179,23 +189,33 @@ def register_files(
     ``report`` and, when given or used, ``warped_label``, ``affine``). ``model``: see
     :func:`deepsim.registration.model.resolve_model`; ``spacing_mm`` overrides the training spacing a checkpoint
     records (or supplies it for one that does not). Without the network the optimisation runs on the fixed image's
-    own grid (or at ``spacing_mm``).
+    own grid (or at ``spacing_mm``). ``overwrite``: write into a non-empty folder deepsim did not create, replacing
+    files of the outputs' names (never an input).
     """
     started = time.perf_counter()
     device = torch.device(device)
+    inputs = (fixed, moving, fixed_label, moving_label)
+    check_targets(out_dir, _output_names(moving_label is not None, affine), inputs, "deepsim register", overwrite)
     # the two images are read and normalised side by side (gzip decompression and sorting release the GIL); the
     # fixed image's errors come first, as map returns its results in order
     with ThreadPoolExecutor(max_workers=2) as pool:
         fixed_img, moving_img = pool.map(load_native, (fixed, moving), ("fixed image", "moving image"))
         _check_pair(fixed_img, moving_img)
         fixed_lab = _check_label(load_native(fixed_label, "fixed label map"), fixed_img) if fixed_label else None
-        moving_lab = _check_label(load_native(moving_label, "moving label map"), moving_img) if moving_label else None
+        moving_lab_img = load_native(moving_label, "moving label map") if moving_label else None
+        moving_lab = _check_label(moving_lab_img, moving_img) if moving_label else None
         fixed_norm, moving_norm = pool.map(normalise_intensity, (fixed_img, moving_img))
     net = None
     if network or model is not None:
         net = model if isinstance(model, RegistrationModel) else resolve_model(model, device, similarity,
                                                                                tracking_uri, spacing_mm)
         _check_model(fixed_img, net)
+    working_spacing = net.spacing_mm if net is not None else spacing_mm
+    if working_spacing is not None:
+        check_extent(fixed_img.grid, working_spacing, fixed_img.path)
+    if not affine:
+        check_overlap(fixed_img.grid, moving_img.grid, moving_img.path, fixed_img.path,
+                      hint="; or let the affine stage align them (leave out --no-affine / --network-only)")
     if affine and affine_metric not in ("ncc", "mi"):
         raise ConfigError(f"--affine-metric must be ncc or mi, got {affine_metric!r}")
     optimiser = _instance_optimiser(net, loss, fixed_img.ndim, iterations, learning_rate, device)
@@ -203,7 +223,7 @@ def register_files(
         affine=AffineRegistration(metric=affine_metric) if affine else None,
         network=net.network if network else None,
         optimiser=optimiser,
-        spacing_mm=net.spacing_mm if net is not None else spacing_mm,
+        spacing_mm=working_spacing,
         size_multiple=net.size_multiple if network else 1,
     )
     as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
@@ -225,6 +245,10 @@ def register_files(
         if moving_lab is not None:
             warped_lab = sample_at(as_tensor(moving_lab), moving_img.affine, target, mode="nearest").cpu().numpy()
     timings["compose_s"] = time.perf_counter() - t0
+    check_overlap(target, moving_img.grid, moving_img.path, fixed_img.path, warn=affine)
+    if has_shear(fixed_img.affine, fixed_img.ndim):
+        print(f"deepsim: warning: {fixed_img.path} has sheared voxel axes, which ITK cannot represent: "
+              "ddf_mm.nii.gz is exact for nibabel and deepsim warp, but SimpleITK/ANTs refuse it", file=sys.stderr)
 
     instance = result.instance
     report: dict = {
@@ -244,6 +268,7 @@ def register_files(
             "levels": list(optimiser.scales), "iterations": list(optimiser.iterations),
             "steps_taken": instance.steps, "final_loss_per_level": instance.losses,
             "learning_rate": optimiser.learning_rate},
+        "ddf_mm_itk_readable": not has_shear(fixed_img.affine, fixed_img.ndim),
     }
     mask = torch.as_tensor(fixed_lab > 0) if fixed_lab is not None else None
     if mask is not None and not bool(mask.any()):
@@ -262,19 +287,20 @@ def register_files(
             report["dice_after"] = _dice(fixed_lab, warped_lab)
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = make_staging_dir(out_dir.parent, f".{out_dir.name}.")
     try:
         writers = {
             "warped": lambda: save_like(staging / "warped.nii.gz", warped.cpu().numpy().astype(np.float32),
                                         fixed_img.header, fixed_img.affine),
             "ddf_mm": lambda: save_displacement(staging / "ddf_mm.nii.gz", ddf_fixed_mm.cpu().numpy(),
-                                                fixed_img.affine),
-            "jacobian_det": lambda: save_volume(staging / "jacobian_det.nii.gz", det.cpu().numpy(), fixed_img.affine),
+                                                fixed_img.affine, like=fixed_img.header),
+            "jacobian_det": lambda: save_volume(staging / "jacobian_det.nii.gz", det.cpu().numpy(), fixed_img.affine,
+                                                like=fixed_img.header),
         }
         if warped_lab is not None:
-            writers["warped_label"] = lambda: save_volume(staging / "warped_label.nii.gz", _label_dtype(warped_lab),
-                                                          fixed_img.affine)
+            writers["warped_label"] = lambda: save_volume(staging / "warped_label.nii.gz",
+                                                          _label_dtype(warped_lab, moving_lab_img.array.dtype),
+                                                          fixed_img.affine, like=fixed_img.header)
         # two writers at a time: gzip compression (ISA-L) releases the GIL, so the files compress in parallel
         with ThreadPoolExecutor(max_workers=2) as pool:
             futures = {name: pool.submit(write) for name, write in writers.items()}
@@ -286,12 +312,7 @@ def register_files(
         report["outputs"] = {name: path.name for name, path in written.items()}
         (staging / "registration.json").write_text(json.dumps(report, indent=2) + "\n")
         written["report"] = staging / "registration.json"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        final = {}
-        for name, path in written.items():
-            final[name] = out_dir / path.name
-            path.replace(final[name])
-        return final
+        return publish_files(written, out_dir, inputs, "deepsim register", overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -347,7 +368,8 @@ def register_pairs(csv_path: str | Path, out_dir: str | Path, model: str | Path 
     (the outputs of :func:`register_files`), then write ``out_dir/registrations.csv`` (one row per pair: Dice,
     folding, std log|J|, seconds). Loading the model and Python's start-up are paid once, not per pair.
 
-    ``options`` go to :func:`register_files` (``affine``, ``iterations``, ``learning_rate``, ``progress``).
+    ``options`` go to :func:`register_files` (``affine``, ``iterations``, ``learning_rate``, ``progress``,
+    ``overwrite``).
     Each pair's folder is written atomically; a pair that fails stops the run with its error, and the folders of
     the pairs before it stay complete.
     """
@@ -355,41 +377,57 @@ def register_pairs(csv_path: str | Path, out_dir: str | Path, model: str | Path 
 
     from deepsim.io import atomic_write
 
+    from deepsim.output_folder import own_output_folder
+
     pairs = read_pairs(csv_path)
+    out_dir = Path(out_dir)
+    check_targets(out_dir, ["registrations.csv"], [csv_path], "deepsim register", options.get("overwrite", False))
     net = model if isinstance(model, RegistrationModel) else resolve_model(model, device, similarity, tracking_uri,
                                                                            spacing_mm)
-    out_dir = Path(out_dir)
     rows = []
-    for pair in pairs:
-        started = time.perf_counter()
-        written = register_files(pair["fixed"], pair["moving"], out_dir / pair["name"], model=net,
-                                 fixed_label=pair.get("fixed_label"), moving_label=pair.get("moving_label"),
-                                 device=device, **options)
-        report = json.loads(written["report"].read_text())
-        rows.append({"name": pair["name"], "fixed": str(pair["fixed"]), "moving": str(pair["moving"]),
-                     **{k: report.get(k) for k in ("dice_before", "dice_after_affine", "dice_after", "folding_pct",
-                                                   "std_log_jacobian")},
-                     "seconds": time.perf_counter() - started})
-    table = pd.DataFrame(rows)
-    atomic_write(out_dir / "registrations.csv", lambda tmp: table.to_csv(tmp, index=False))
+    with own_output_folder(out_dir, "deepsim register", options.get("overwrite", False)):
+        for pair in pairs:
+            started = time.perf_counter()
+            written = register_files(pair["fixed"], pair["moving"], out_dir / pair["name"], model=net,
+                                     fixed_label=pair.get("fixed_label"), moving_label=pair.get("moving_label"),
+                                     device=device, **options)
+            report = json.loads(written["report"].read_text())
+            rows.append({"name": pair["name"], "fixed": str(pair["fixed"]), "moving": str(pair["moving"]),
+                         **{k: report.get(k) for k in ("dice_before", "dice_after_affine", "dice_after",
+                                                       "folding_pct", "std_log_jacobian")},
+                         "seconds": time.perf_counter() - started})
+        table = pd.DataFrame(rows)
+        atomic_write(out_dir / "registrations.csv", lambda tmp: table.to_csv(tmp, index=False))
     return rows
 
 
-def _label_dtype(labels: np.ndarray) -> np.ndarray:
-    """The smallest of int16/int32 that holds the label values (what the preprocessing stage writes)."""
-    if labels.size and (labels.min() < np.iinfo(np.int16).min or labels.max() > np.iinfo(np.int16).max):
-        return labels.astype(np.int32)
-    return labels.astype(np.int16)
+def _label_dtype(labels: np.ndarray, source: np.dtype) -> np.ndarray:
+    """Warped labels in the input label map's own integer type (uint32, int64, ... kept), or, for a label map stored
+    as floats, the smallest of int16/int32/int64 that holds the values. Never a narrowing cast."""
+    source = np.dtype(source)
+    if np.issubdtype(source, np.integer) or source == bool:
+        return labels.astype(source)
+    return labels.astype(smallest_label_dtype(labels))
+
+
+def _output_names(label: bool, affine: bool) -> list[str]:
+    """File names ``register_files`` writes (module docstring)."""
+    names = ["warped.nii.gz", "ddf_mm.nii.gz", "jacobian_det.nii.gz", "registration.json"]
+    return names + ["warped_label.nii.gz"] * label + ["affine.tfm"] * affine
 
 
 @torch.no_grad()
-def apply_field(field: str | Path, image: str | Path, out: str | Path, label: bool = False) -> Path:
+def apply_field(field: str | Path, image: str | Path, out: str | Path, label: bool = False,
+                overwrite: bool = False) -> Path:
     """Warp ``image`` with a saved displacement field (``deepsim warp``); write it on the field's grid.
 
     The field maps each point x of its grid to x + d(x) in the moving image's world space, so ``image`` may lie on
     any grid (the moving image's own, typically): it is read at those world points, as ITK's ``Resample`` does.
-    Images are resampled linearly (0 outside), with ``label=True`` by nearest neighbour, label values kept.
+    Images are resampled linearly (0 outside), with ``label=True`` by nearest neighbour, label values and their
+    integer type kept. ``out`` is never one of the inputs; an existing file is replaced only with ``overwrite``.
+    An image none of whose points the field reaches is refused (the result would be all 0).
     """
+    check_output_file(out, (field, image), overwrite)
     ddf_mm, affine = load_displacement(field)
     ndim = ddf_mm.shape[0]
     img = load_native(image, "image")
@@ -397,9 +435,10 @@ def apply_field(field: str | Path, image: str | Path, out: str | Path, label: bo
         raise DatasetError(f"{image}: a {img.ndim}D image, but the field {field} is {ndim}D")
     field_grid = Grid(tuple(int(n) for n in ddf_mm.shape[1:]), affine)
     target = grid_points(field_grid) + torch.as_tensor(ddf_mm, dtype=torch.float64)
+    check_overlap(target, img.grid, image, field)
     if label:
         values = _integer_labels(img.array, f"{image}: --label given but the image has non-integer values")
         warped = sample_at(torch.as_tensor(values), img.affine, target, mode="nearest").numpy()
-        return save_volume(out, _label_dtype(warped), affine)
+        return save_volume(out, _label_dtype(warped, img.array.dtype), affine)
     warped = sample_at(torch.as_tensor(np.asarray(img.array, dtype=np.float32)), img.affine, target).numpy()
     return save_volume(out, warped.astype(np.float32), affine)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from deepsim.engine.checkpoints import load_checkpoint, load_network
-from deepsim.errors import CheckpointError, ConfigError
+from deepsim.errors import CheckpointError, ConfigError, first_line
 
 __all__ = ["RegistrationModel", "resolve_model", "default_model_dir"]
 
@@ -84,17 +84,32 @@ def _from_folder(folder: Path, similarity: str | None) -> Path:
 
 
 def _from_mlflow(spec: str, tracking_uri: str | None, similarity: str | None) -> Path:
+    """Download the run's ``checkpoint/`` artifacts into a temporary folder (removed when the process exits, or at
+    once if the download fails). An unreachable server is a one-line error within seconds."""
+    import atexit
+    import os
+    import shutil
+
     import mlflow
+
+    from deepsim.tracking.mlflow_tracking import check_store
 
     run_id = spec[len("runs:/"):].strip("/").split("/")[0] if spec.startswith("runs:/") else spec
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    uri = mlflow.get_tracking_uri()
+    check_store(uri)
+    if uri.startswith("http"):  # one retry, 10 s per request: MLflow's defaults wait minutes on a dead server
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     target = Path(tempfile.mkdtemp(prefix="deepsim-model-"))
     try:
         folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(target))
     except Exception as exc:  # MlflowException for unknown runs, OSError for unreachable servers, ...
-        raise CheckpointError(f"MLflow run {run_id} (tracking URI {mlflow.get_tracking_uri()}): cannot download its "
-                              f"checkpoint artifacts ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+        shutil.rmtree(target, ignore_errors=True)
+        raise CheckpointError(f"MLflow run {run_id} (tracking URI {uri}): cannot download its checkpoint artifacts "
+                              f"({type(exc).__name__}: {first_line(exc)})") from exc
+    atexit.register(shutil.rmtree, target, True)
     return _from_folder(Path(folder), similarity)
 
 

@@ -4,8 +4,12 @@ Default store: a SQLite file ``<output_dir>/mlflow.db`` (MLflow 3 is SQLite-firs
 server instead. One experiment per dataset, one parent run per pipeline invocation, nested runs per stage.
 Every function here is a no-op when no run is active, so stages also run untracked (e.g. from a bare bundle).
 
-Faults: an unreachable server stops the run at start-up with a one-line ConfigError, or, with a ``fallback_uri``,
-the runs go to that local store with a warning (copy them later with ``deepsim sync-runs``, :mod:`.sync`).
+Faults: an unreachable server stops the run at start-up with a one-line ConfigError within
+:data:`PROBE_TIMEOUT_S` seconds (:func:`check_store` connects first), or, with a ``fallback_uri``, the runs go to
+that local store with a warning (copy them later with ``deepsim sync-runs``, :mod:`.sync`). A SQLite store whose
+folder does not exist or cannot be written is refused the same way, before anything is written; a new SQLite store
+is created and migrated by one process at a time (:func:`deepsim.output_folder.store_lock`), so runs started
+together never break it.
 Artifact uploads and metric batches are retried with backoff (:data:`RETRIES`, :data:`BACKOFF_S`); one that still
 fails is reported on stderr at once, kept in :func:`failed_uploads`, and turned into a TrackingError (exit ≠ 0) by
 :func:`raise_failed_uploads` at the end of the job: never dropped silently.
@@ -14,30 +18,94 @@ fails is reported on stderr at once, kept in :func:`failed_uploads`, and turned 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from deepsim.errors import ConfigError, TrackingError
+from deepsim.errors import ConfigError, TrackingError, first_line
+from deepsim.output_folder import store_lock
 
 __all__ = ["default_tracking_uri", "setup_tracking", "stage_run", "log_epoch_metrics", "log_params",
            "log_artifact", "log_dict", "flatten", "git_commit", "ui_command", "failed_uploads", "raise_failed_uploads",
-           "with_retries", "RETRIES", "BACKOFF_S"]
+           "with_retries", "RETRIES", "BACKOFF_S", "check_store", "sqlite_path", "PROBE_TIMEOUT_S"]
 
 #: attempts of one upload (artifact, dict, metric batch) before it is reported as failed
 RETRIES = 3
 #: wait before the second attempt; doubled before each further one
 BACKOFF_S = 2.0
 _FAILED: list[str] = []
+#: seconds to wait for a tracking server to accept a connection before calling it unreachable
+PROBE_TIMEOUT_S = 3.0
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URI (None for other stores and in-memory databases)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def _probe_http(tracking_uri: str) -> None:
+    """ConfigError unless the server (or the HTTP(S) proxy requests would go through) accepts a TCP connection."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    parts, via = urlsplit(tracking_uri), ""
+    proxy = getproxies().get(parts.scheme)
+    if proxy and parts.hostname and not proxy_bypass(parts.hostname):
+        parts, via = urlsplit(proxy if "://" in proxy else f"http://{proxy}"), f" through the proxy {proxy}"
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname or "", port), timeout=PROBE_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (getattr(exc, "strerror", None) or str(exc))
+        raise ConfigError(f"MLflow tracking URI {tracking_uri}: not reachable (no connection{via} within "
+                          f"{PROBE_TIMEOUT_S:g} s: {reason})") from None
+
+
+def _check_sqlite(tracking_uri: str) -> None:
+    path = sqlite_path(tracking_uri)
+    if path is None:
+        return
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(f"MLflow tracking URI {tracking_uri}: the folder {folder} does not exist (create it, or "
+                          "check the path: sqlite:/// + an absolute path has four slashes)")
+    if path.is_dir():
+        raise ConfigError(f"MLflow tracking URI {tracking_uri}: {path} is a folder, not a database file")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise ConfigError(f"MLflow tracking URI {tracking_uri}: {path} is not writable (permission denied)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"MLflow tracking URI {tracking_uri}: cannot write into {folder} (permission denied; "
+                          "SQLite needs to create its journal beside the database)")
+
+
+def check_store(tracking_uri: str) -> None:
+    """ConfigError, in seconds and one line, when ``tracking_uri`` cannot work; writes nothing.
+
+    http(s): the server must accept a TCP connection within :data:`PROBE_TIMEOUT_S` (message "not reachable");
+    ``sqlite:///PATH``: PATH's folder must exist and be writable (MLflow would create the folder silently, or retry
+    for minutes); ``file:`` stores are not supported.
+    """
+    if tracking_uri.startswith(("file:", "./", "/")) and not tracking_uri.startswith("sqlite"):
+        raise ConfigError(f"tracking URI {tracking_uri!r}: file stores are not supported; use sqlite:///PATH or http(s)://")
+    if tracking_uri.startswith(("http://", "https://")):
+        _probe_http(tracking_uri)
+    elif tracking_uri.startswith("sqlite:"):
+        _check_sqlite(tracking_uri)
 
 
 def setup_tracking(tracking_uri: str, experiment: str, fallback_uri: str | None = None) -> str:
@@ -62,23 +130,35 @@ def setup_tracking(tracking_uri: str, experiment: str, fallback_uri: str | None 
 def _setup_tracking(tracking_uri: str, experiment: str) -> str:
     import mlflow
 
-    if tracking_uri.startswith(("file:", "./", "/")) and not tracking_uri.startswith("sqlite"):
-        raise ConfigError(f"tracking URI {tracking_uri!r}: file stores are not supported; use sqlite:///PATH or http(s)://")
+    check_store(tracking_uri)
     # The environment variable would otherwise silently win over what we set (DESIGN.md §6).
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     mlflow.set_tracking_uri(tracking_uri)
     if tracking_uri.startswith("http"):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    # MLflow logs "Creating initial MLflow database tables..." and each migration at INFO: not for users' stderr
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    database = sqlite_path(tracking_uri)
     try:
-        if tracking_uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
-            # artifacts beside the database (MLflow's default is ./mlruns under the current directory)
-            store = Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
-            mlflow.create_experiment(experiment, artifact_location=store.as_uri())
-        mlflow.set_experiment(experiment)
+        # one process at a time creates (and migrates) a SQLite store and its experiment: two runs started together
+        # would otherwise both migrate it, fail, and leave it broken for good (_alembic_tmp_* tables)
+        with store_lock(database) if database is not None else nullcontext():
+            if database is not None and mlflow.get_experiment_by_name(experiment) is None:
+                # artifacts beside the database (MLflow's default is ./mlruns under the current directory)
+                store = database.resolve().parent / "mlartifacts"
+                mlflow.create_experiment(experiment, artifact_location=store.as_uri())
+            mlflow.set_experiment(experiment)
     except Exception as exc:
-        raise ConfigError(f"MLflow tracking URI {tracking_uri}: not reachable ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        first = first_line(exc)
+        if database is None:
+            raise ConfigError(f"MLflow tracking URI {tracking_uri}: not reachable ({type(exc).__name__}: "
+                              f"{first})") from exc
+        hint = ("; an MLflow schema migration was interrupted there before (restore the file from a backup or start "
+                "a new store)" if "_alembic_tmp" in str(exc) else "")
+        raise ConfigError(f"MLflow tracking URI {tracking_uri}: the store cannot be used ({type(exc).__name__}: "
+                          f"{first}){hint}") from exc
     return tracking_uri
 
 
@@ -193,7 +273,27 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).is_dir():
             with_retries(what, lambda: mlflow.log_artifacts(str(path), artifact_path))
         else:
-            with_retries(what, lambda: mlflow.log_artifact(str(path), artifact_path))
+            with _umask_mode_copy(Path(path)) as source:
+                with_retries(what, lambda: mlflow.log_artifact(str(source), artifact_path))
+
+
+@contextmanager
+def _umask_mode_copy(path: Path) -> Iterator[Path]:
+    """``path``, or a same-named copy with the umask's mode when its own differs (an installed config file is 0644
+    whatever the user's umask): MLflow's local artifact store copies a file's mode along with its bytes."""
+    from deepsim.io import file_mode
+
+    if path.stat().st_mode & 0o777 == file_mode():
+        yield path
+        return
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="deepsim-artifact-") as folder:
+        copy = Path(folder) / path.name
+        shutil.copyfile(path, copy)
+        os.chmod(copy, file_mode())
+        yield copy
 
 
 def log_dict(content: Mapping, artifact_file: str) -> None:
