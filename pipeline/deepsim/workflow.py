@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from deepsim.console import quiet_libraries
 from deepsim.engine.distributed import barrier, is_main_process
 from deepsim.config_check import check_profile
 from deepsim.errors import ConfigError
@@ -56,6 +57,7 @@ MULTI_GPU_FILES = {
     "feature_seg": "multi_gpu_train_feature_seg.json",
     "registration": "multi_gpu_train_registration.json",
 }
+logger = logging.getLogger(__name__)
 _PROFILE_KEYS = {"description", "experiment", "bundle", "common", "losses", "stages", "lambdas"}
 
 
@@ -128,8 +130,9 @@ def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = No
     """
     from monai.bundle import ConfigWorkflow
 
-    # MONAI's bundle runner logs that we pass no logging file and no workflow type on every stage: noise here.
-    logging.getLogger("monai.bundle").setLevel(logging.ERROR)
+    # MONAI's bundle runner logs that we pass no logging file and no workflow type on every stage: noise here,
+    # unless deepsim itself logs at DEBUG (-v). Its loggers are (re)created at INFO by the import above.
+    quiet_libraries()
     bundle = bundle or bundle_dir()
     configs = bundle / "configs"
     files = [configs / "common.json", configs / STAGE_FILES[stage]]
@@ -150,7 +153,7 @@ def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = No
 
 def _print(msg: str) -> None:
     if is_main_process():  # one voice under torchrun
-        print(msg, flush=True)
+        logger.info(msg)
 
 
 def stage_common(profile: Profile, output_dir: Path, seed: int = 0, progress: bool = True,
@@ -196,13 +199,13 @@ def prepare_and_pretrain(profile: Profile, common: Mapping[str, Any], losses: Se
     :func:`tracked_stage`.
     """
     output_dir = Path(common["output_dir"])
-    _print(f"[deepsim] 1/4 preparing data in {output_dir / 'data'}")
+    _print(f"1/4 preparing data in {output_dir / 'data'}")
     if is_main_process():
         tracked_stage("preprocess", "preprocess", common, tags, bundle=bundle, record=record)
     barrier()
     for kind in sorted({FEATURE_NET_OF[loss] for loss in losses} - {None}):
         name = f"feature_{kind}"
-        _print(f"[deepsim] 2/4 feature pretraining: {name}")
+        _print(f"2/4 feature pretraining: {name}")
         tracked_stage(name, name, {**common, **profile.stages.get(name, {})}, tags,
                       [(output_dir / "models" / f"{name}.pt", "checkpoint")], bundle=bundle, distributed=distributed,
                       record=record)
@@ -282,11 +285,11 @@ def run_pipeline(
                 mlflow.set_tag("deepsim.resumes", str(record.resumes))
         tracking.log_params({"profile": profile.name, "losses": losses, **common}, only_new=resume)
         tracking.log_artifact(profile.source, "config")
-        _print(f"[deepsim] profile {profile.name!r}: {profile.description}")
+        _print(f"profile {profile.name!r}: {profile.description}")
         prepare_and_pretrain(profile, common, losses, tags, bundle, distributed, record)
         run_ids = {}
         for loss in losses:
-            _print(f"[deepsim] 3/4 registration training: {loss}")
+            _print(f"3/4 registration training: {loss}")
             run_ids[loss], _ = tracked_stage(f"registration-{loss}", "registration",
                                              registration_overrides(profile, common, loss),
                                              {**tags, "similarity": loss},
@@ -294,7 +297,7 @@ def run_pipeline(
                                              distributed=distributed, record=record)
         if not main:
             return None, uri
-        _print("[deepsim] 4/4 evaluation on the held-out test pairs")
+        _print("4/4 evaluation on the held-out test pairs")
         eval_id, parser = tracked_stage("evaluation", "evaluate", {**common, "methods": ["identity", *losses]},
                                         tags, [(output_dir / "report", "report")], bundle=bundle, record=record)
         if parser is None:  # finished before this --resume: its table is on disk, its metrics in MLflow
@@ -303,7 +306,7 @@ def run_pipeline(
             summary = parser.get_parsed_content("evaluate")
             _log_test_metrics(summary, run_ids, eval_id)
         tracking.log_metrics({"pipeline/wall_time_s": time.perf_counter() - started})
-        _print(f"[deepsim] parent MLflow run: {parent.info.run_id}")
+        _print(f"parent MLflow run: {parent.info.run_id}")
     return summary, uri
 
 
@@ -321,7 +324,7 @@ def tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags:
     bundle stage gets ``resume: true`` (its training restarts from ``models/<stage>.state.pt``).
     """
     if record is not None and record.done(run_name):
-        _print(f"[deepsim] {run_name}: finished before, skipped (--resume)")
+        _print(f"{run_name}: finished before, skipped (--resume)")
         return record.run_id(run_name) or "", None
     run_id = record.run_id(run_name) if record is not None else None
     stage_overrides = {**overrides, "resume": True} if run_id is not None else overrides

@@ -16,6 +16,7 @@ is read back instead of retrained when ``resume=True``.
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ import torch
 from deepsim.errors import ConfigError
 from deepsim.io import atomic_write
 from deepsim.tracking import mlflow_tracking as tracking
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Experiment", "load_experiment", "run_reproduction"]
 
@@ -155,8 +158,7 @@ def run_reproduction(
                            for s in experiment.noise_levels}
                 done = resume and all((r / "results.csv").is_file() for r in reports.values()) and all(
                     (seed_dir / "models" / f"registration_{loss}.pt").is_file() for loss in losses)
-                print(f"[deepsim] reproduce {ds['name']} seed {seed}" + (" (results found, reused)" if done else ""),
-                      flush=True)
+                logger.info(f"reproduce {ds['name']} seed {seed}" + (" (results found, reused)" if done else ""))
                 if not done:
                     run_pipeline(profile, seed_dir, losses=losses, device=device, seed=seed, progress=progress,
                                  nested=True)
@@ -164,7 +166,7 @@ def run_reproduction(
                     for sigma in experiment.noise_levels:
                         if sigma == 0:
                             continue
-                        print(f"[deepsim] evaluation with noise σ={sigma:g}", flush=True)
+                        logger.info(f"evaluation with noise σ={sigma:g}")
                         tracked_stage(f"evaluation-noise{sigma:g}", "evaluate",
                                       {**common, "methods": ["identity", *losses], "noise_std": sigma,
                                        "figures": False, "report_dir": str(reports[sigma])},
@@ -182,6 +184,6 @@ def run_reproduction(
         tracking.log_metrics({f"test/{k}": v for k, v in summary_numbers(results).items()})
         tracking.log_metrics({"reproduce/wall_time_s": time.perf_counter() - started})
         tracking.log_artifact(report_dir, "report")
-        print(f"[deepsim] reproduction report: {path}\n[deepsim] parent MLflow run: {parent.info.run_id} ({uri})",
-              flush=True)
+        logger.info(f"reproduction report: {path}")
+        logger.info(f"parent MLflow run: {parent.info.run_id} ({uri})")
     return path, results
