@@ -63,7 +63,8 @@ def test_two_iteration_registration_then_evaluation_and_inference(quick_common, 
     datalist = json.loads((out / "data" / "datalist.json").read_text())
     fixed, moving = datalist["test"][0], datalist["test"][-1]
     data_dir = out / "data"
-    run_stage("inference", {**quick_common, "similarity": similarity, "fixed": str(data_dir / fixed["image"]),
+    run_stage("inference", {**quick_common, "model": str(out), "similarity": similarity,
+                            "fixed": str(data_dir / fixed["image"]),
                             "moving": str(data_dir / moving["image"]),
                             "moving_label": str(data_dir / moving["label"])})
     for name in ("warped.nii.gz", "ddf_mm.nii.gz", "warped_label.nii.gz"):

@@ -143,7 +143,7 @@ def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = No
         meta_file=str(configs / "metadata.json"),
         logging_file=False,
         workflow_type=None,
-        **dict(overrides),
+        **{"bundle_root": str(bundle), **dict(overrides)},  # the bundle's own files (models/model.pt), from any cwd
     )
     workflow.initialize()
     workflow.run()

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from deepsim.engine.checkpoints import load_checkpoint, load_network
+from deepsim.engine.checkpoints import describe_mismatch, load_checkpoint, load_failure, load_network
 from deepsim.errors import CheckpointError, ConfigError
 
-__all__ = ["RegistrationModel", "resolve_model", "default_model_dir"]
+__all__ = ["RegistrationModel", "resolve_model", "default_model_dir", "from_weights"]
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -134,3 +134,26 @@ def resolve_model(spec: str | Path | None = None, device: torch.device | str = "
     return RegistrationModel(network=network, checkpoint=path, spacing_mm=_spacing(path, meta, spacing_mm),
                              similarity=meta.get("similarity"),
                              regularization_weight=None if weight is None else float(weight), meta=meta)
+
+
+def from_weights(network: torch.nn.Module, weights: str | Path, spacing_mm: float, similarity: str | None = None,
+                 regularization_weight: float | None = None,
+                 device: torch.device | str = "cpu") -> RegistrationModel:
+    """A model in MONAI's bundle form: the network a bundle's ``network_def`` builds, and a plain state dict file
+    (``models/model.pt``), read with ``weights_only=True`` and loaded with ``strict=True``. ``spacing_mm`` and the
+    loss (for instance optimisation) come from the bundle's config, as the file holds weights only."""
+    weights = Path(weights)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{weights}: weights file not found") from exc
+    except Exception as exc:  # torch raises several types for corrupt/unsafe files
+        raise CheckpointError(f"{weights}: not a readable state dict ({load_failure(exc)})") from exc
+    try:
+        network.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        detail = describe_mismatch(network, state) if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise CheckpointError(f"{weights}: weights do not match the bundle's network_def ({detail})") from exc
+    weight = None if regularization_weight is None else float(regularization_weight)
+    return RegistrationModel(network=network.to(device).eval(), checkpoint=weights, spacing_mm=float(spacing_mm),
+                             similarity=similarity, regularization_weight=weight, meta={"weights": str(weights)})
