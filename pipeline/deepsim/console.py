@@ -41,8 +41,7 @@ def configure(verbosity: int = 0) -> None:
         logger.removeHandler(handler)
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("[deepsim] %(message)s"))
-    logger.addHandler(handler)
-    logger.propagate = False
+    logger.addHandler(handler)  # records still propagate: handlers an application puts on the root see them too
     # MLflow sets its own logger's level when it is imported (later, lazily); its environment variable is what
     # that import reads. A level the user exported stays.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbosity > 0 else "WARNING")
