@@ -169,3 +169,25 @@ def test_bundle_inference_runs_standalone_from_the_bundle_folder(tmp_path, monke
     assert report["model"].endswith("models/model.pt") and report["similarity"] == "mse"
     assert nib.load(tmp_path / "out" / "inference" / "ddf_mm.nii.gz").shape[:2] == (48, 40)
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, dataset", [("brain_mri", "toy"), ("cells_2d", "cells")])
+def test_monai_tracking_mlflow_logs_our_trainer(name, dataset, tmp_path, monkeypatch):
+    """``python -m monai.bundle run ... --tracking mlflow``: MONAI's MLFlowHandler on our trainer's output."""
+    import mlflow
+    from monai.bundle import run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # it would win over the handler's URI
+    configs = bundle_dir(name) / "configs"
+    run(config_file=[str(configs / "common.json"), str(configs / "train_registration.json")],
+        meta_file=str(configs / "metadata.json"), tracking="mlflow", output_dir=str(tmp_path), dataset=dataset,
+        similarity="mse", max_epochs=2, epoch_length=2, validation_pairs=1, progress=False,
+        run_name=f"tracking-{name}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("monai_experiment")
+    (found,) = client.search_runs([experiment.experiment_id])
+    assert found.info.status == "FINISHED" and found.info.run_name == f"tracking-{name}"
+    steps = client.get_metric_history(found.info.run_id, "train_loss")
+    assert [m.step for m in steps] == [1, 2, 3, 4] and all(m.value > 0 for m in steps)
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "val/dice")] == [1, 2]
+    assert (tmp_path / "models" / "registration_mse.pt").is_file()
