@@ -51,6 +51,9 @@ def test_messages_go_to_stderr_with_their_level_and_results_to_stdout(capsys):
     log.debug("debug detail")
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == "[deepsim] stage message\n"
+    logging.getLogger("urllib3.connectionpool").warning("Retrying after connection broken")  # routine noise
+    logging.getLogger("somelib").error("broken")
+    assert capsys.readouterr().err == "[somelib] ERROR: broken\n"
     console.configure(-1)
     log.info("hidden")
     log.warning("kept")

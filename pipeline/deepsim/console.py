@@ -25,26 +25,58 @@ _CHATTY = {"monai.bundle": logging.ERROR, "monai.bundle.workflows": logging.ERRO
            "monai.bundle.scripts": logging.ERROR, "mlflow": logging.WARNING}
 
 
+def _ours(record: logging.LogRecord) -> bool:
+    return record.name == LOGGER or record.name.startswith(LOGGER + ".")
+
+
 class _StderrHandler(logging.StreamHandler):
-    """Writes to the current ``sys.stderr`` (looked up at each record, so redirections and pytest's capture work)."""
+    """Writes to the current ``sys.stderr`` (looked up at each record, so redirections and pytest's capture work).
+
+    Other libraries' records that reach the root logger are shown from ERROR up, or all with ``-v``: many log
+    routine warnings (urllib3's connection retries) that used to go nowhere (they install a ``NullHandler``)."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (self.verbose or _ours(record) or record.levelno >= logging.ERROR) and super().filter(record)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
         super().emit(record)
 
 
+class _Format(logging.Formatter):
+    """``[deepsim] message`` for our records, ``[logger] LEVEL: message`` for other libraries' warnings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if _ours(record):
+            return f"[deepsim] {message}"
+        return f"[{record.name}] {record.levelname}: {message}"
+
+
 def configure(verbosity: int = 0) -> None:
-    """Set the ``deepsim`` logger's level and handler for ``verbosity`` (-1 quiet, 0 normal, 1 verbose)."""
-    logger = logging.getLogger(LOGGER)
-    logger.setLevel(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
-    for handler in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
-        logger.removeHandler(handler)
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("[deepsim] %(message)s"))
-    logger.addHandler(handler)  # records still propagate: handlers an application puts on the root see them too
-    # MLflow sets its own logger's level when it is imported (later, lazily); its environment variable is what
-    # that import reads. A level the user exported stays.
+    """Configure logging for the command line (-1 quiet, 0 normal, 1 verbose): one stderr handler on the root
+    logger, the ``deepsim`` logger's level, and the levels of MONAI's and MLflow's routine messages.
+
+    The handler sits on the root logger, as an application's should: records keep propagating (pytest's caplog
+    and other handlers see them), and a library that calls ``logging.basicConfig`` later (MLflow's PyTorch
+    Lightning module does, on import) finds it configured and adds no second, duplicating handler."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)
+    handler = _StderrHandler(verbose=verbosity > 0)
+    handler.setFormatter(_Format())
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbosity > 0 else logging.WARNING)
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    logging.getLogger(LOGGER).setLevel(level)
+    # MLflow sets its own logger's level when it is imported (later, lazily); its environment variables are what
+    # that import and its downloads read. Values the user exported stay.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbosity > 0 else "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", str(progress_enabled()).lower())
     quiet_libraries()
 
 
