@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "      --affine --iterations 50 --out reg/\n"
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --model deepsim_output --similarity mse --out reg/\n"
         "  deepsim register --pairs pairs.csv --out reg/        # many pairs, model loaded once\n"
-        "  deepsim register --fixed F.nii.gz --moving M.nii.gz --model runs:/<run_id> --tracking-uri "
+        "  deepsim register --fixed F.nii.gz --moving M.nii.gz --model models:/deepsim-brain_mri@best --tracking-uri "
         "sqlite:///deepsim_output/mlflow.db --out reg/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -180,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--moving-label", type=Path, default=None, help="label map of the moving image, warped too")
     rg.add_argument("--model", default=None,
                     help="a registration checkpoint (.pt), a folder holding registration_*.pt (a deepsim run output "
-                    "or bundle folder), or an MLflow run (runs:/<id> or the run id). Default: the pretrained brain "
-                    "model shipped with deepsim (1 mm T1-weighted, skull-stripped)")
+                    "or bundle folder), an MLflow run (runs:/<id> or the run id) or an MLflow model "
+                    "(models:/<name>/<version>, models:/<name>@<alias>; deepsim run registers deepsim-<experiment>"
+                    "@best). Default: the pretrained brain model shipped with deepsim (1 mm T1-weighted, "
+                    "skull-stripped)")
     rg.add_argument("--similarity", default=None,
                     help="which model of a folder/run holding several: " + " ".join(LOSSES))
     rg.add_argument("--spacing", type=float, default=None, metavar="MM",
@@ -194,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "loss (default 0: the network's prediction as is)")
     rg.add_argument("--learning-rate", type=float, default=0.1, help="instance optimisation step size (voxels)")
     rg.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    rg.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --model runs:/<id>")
+    rg.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --model runs:/... or models:/...")
     rg.add_argument("--no-progress", action="store_true", help="hide progress bars")
     cp = sub.add_parser(
         "compare",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,6 +28,8 @@ from deepsim.errors import ConfigError
 from deepsim.registration.similarity import FEATURE_NET_OF, SIMILARITY_NAMES
 from deepsim.run_record import RunRecord, run_settings
 from deepsim.tracking import mlflow_tracking as tracking
+from deepsim.tracking.models import log_network_model, register_best, registered_name
+from deepsim.tracking.settings import log_stage
 
 __all__ = [
     "STAGE_FILES",
@@ -121,10 +123,12 @@ def load_profile(name_or_path: str) -> Profile:
                    bundle=raw.get("bundle", "brain_mri"), source=str(path))
 
 
-def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = None, distributed: bool = False) -> Any:
+def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = None, distributed: bool = False,
+              on_ready: Callable[[Any], None] | None = None) -> Any:
     """Run one bundle stage (``common.json`` + its stage file) through MONAI's ``ConfigWorkflow``.
 
     ``distributed``: a training stage also reads its ``multi_gpu_*.json`` (every rank of a torchrun job runs it).
+    ``on_ready(parser)`` is called once the config is parsed, before the stage runs (tracking logs its settings).
 
     Returns the workflow's parser, so callers can read resolved values (e.g. ``evaluate``'s result).
     """
@@ -146,6 +150,8 @@ def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = No
         **{"bundle_root": str(bundle), **dict(overrides)},  # the bundle's own files (models/model.pt), from any cwd
     )
     workflow.initialize()
+    if on_ready is not None:
+        on_ready(workflow.parser)
     workflow.run()
     workflow.finalize()
     return workflow.parser
@@ -183,6 +189,12 @@ def registration_artifacts(models_dir: Path, loss: str) -> list[tuple[Path, str]
     return artifacts
 
 
+def registration_models(models_dir: Path, loss: str) -> list[tuple[Path, list[Path]]]:
+    """The MLflow model a registration run logs: its network, with the feature net a DeepSim loss needs inside."""
+    kind = FEATURE_NET_OF.get(loss)
+    return [(models_dir / f"registration_{loss}.pt", [models_dir / f"feature_{kind}.pt"] if kind else [])]
+
+
 def check_losses(losses: Sequence[str]) -> list[str]:
     bad = [loss for loss in losses if loss not in SIMILARITY_NAMES]
     if bad:
@@ -208,7 +220,7 @@ def prepare_and_pretrain(profile: Profile, common: Mapping[str, Any], losses: Se
         _print(f"2/4 feature pretraining: {name}")
         tracked_stage(name, name, {**common, **profile.stages.get(name, {})}, tags,
                       [(output_dir / "models" / f"{name}.pt", "checkpoint")], bundle=bundle, distributed=distributed,
-                      record=record)
+                      record=record, models=[(output_dir / "models" / f"{name}.pt", [])])
 
 
 def run_pipeline(
@@ -270,12 +282,13 @@ def run_pipeline(
                           "now; resume when it is")
     bundle = bundle_dir(profile.bundle)
     common = stage_common(profile, output_dir, seed, progress, device)
-    tags = {"git_commit": tracking.git_commit(), "dataset": str(profile.common.get("dataset")), "seed": str(seed),
+    tags = {**tracking.source_tags(), "dataset": str(profile.common.get("dataset")), "seed": str(seed),
             "profile": profile.name, "bundle": profile.bundle}
     started = time.perf_counter()
     run_name = f"pipeline-{profile.name}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     parent_id = record.parent_run_id if resume else None
-    with (tracking.stage_run(run_name, tags, nested=nested, run_id=parent_id) if main else nullcontext()) as parent:
+    parent_run = tracking.stage_run(run_name, tags, nested=nested, run_id=parent_id, system_metrics=not nested)
+    with (parent_run if main else nullcontext()) as parent:
         if main and record is not None:
             record.parent_run_id, record.resumes = parent.info.run_id, record.resumes + int(resume)
             record.save()
@@ -294,7 +307,8 @@ def run_pipeline(
                                              registration_overrides(profile, common, loss),
                                              {**tags, "similarity": loss},
                                              registration_artifacts(output_dir / "models", loss), bundle=bundle,
-                                             distributed=distributed, record=record)
+                                             distributed=distributed, record=record,
+                                             models=registration_models(output_dir / "models", loss))
         if not main:
             return None, uri
         _print("4/4 evaluation on the held-out test pairs")
@@ -307,13 +321,18 @@ def run_pipeline(
             _log_test_metrics(summary, run_ids, eval_id)
         tracking.log_metrics({"pipeline/wall_time_s": time.perf_counter() - started})
         _print(f"parent MLflow run: {parent.info.run_id}")
+        if not nested:
+            _register_best(run_ids, output_dir / "models", profile.experiment)
     return summary, uri
 
 
 def tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags: Mapping[str, str],
                   artifacts: Sequence[tuple[Path, str]] = (), bundle: Path | None = None,
-                  distributed: bool = False, record: RunRecord | None = None) -> tuple[str, Any]:
-    """Run one bundle stage inside a nested MLflow run: params, the merged stage config and ``artifacts`` logged.
+                  distributed: bool = False, record: RunRecord | None = None,
+                  models: Sequence[tuple[Path, Sequence[Path]]] = ()) -> tuple[str, Any]:
+    """Run one bundle stage inside a nested MLflow run: every resolved setting as a param and the datalist splits
+    it reads as dataset inputs (before it runs), then the merged stage config, ``artifacts`` and ``models``
+    (checkpoints logged as MLflow models, each with the extra files it needs: :mod:`deepsim.tracking.models`).
 
     Returns ``(run_id, parser)``; ``parser`` is the stage's resolved config (read results with
     ``parser.get_parsed_content(...)``). ``distributed``: see :func:`run_stage`; ranks other than 0 run the stage
@@ -333,14 +352,39 @@ def tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags:
     with tracking.stage_run(run_name, tags, run_id=run_id) as run:
         if record is not None:
             record.stage_started(run_name, run.info.run_id)
-        tracking.log_params(overrides, only_new=run_id is not None)
-        parser = run_stage(stage, stage_overrides, bundle=bundle, distributed=distributed)
+        parser = run_stage(stage, stage_overrides, bundle=bundle, distributed=distributed,
+                           on_ready=lambda parsed: log_stage(parsed, stage, only_new=run_id is not None))
         tracking.log_dict(parser.get(), f"config/{stage}.json")
         for path, artifact_path in artifacts:
             tracking.log_artifact(path, artifact_path)
+        for checkpoint, extra in models:
+            tracking.with_retries(f"MLflow model of {checkpoint} -> run {run.info.run_id}",
+                                  lambda c=checkpoint, e=extra: log_network_model(c, c.stem, e))
     if record is not None:
         record.stage_done(run_name)
     return run.info.run_id, parser
+
+
+def _register_best(run_ids: Mapping[str, str], models_dir: Path, experiment: str) -> None:
+    """Register the registration network with the best final validation Dice (see :mod:`deepsim.tracking.models`)."""
+    import mlflow
+
+    from deepsim.engine.checkpoints import load_checkpoint
+
+    client = mlflow.MlflowClient()
+    candidates = {}
+    for loss, run_id in run_ids.items():
+        outputs = client.get_run(run_id).outputs.model_outputs if run_id else []
+        dice = load_checkpoint(models_dir / f"registration_{loss}.pt").get("meta", {}).get("val/dice", float("nan"))
+        if outputs:
+            candidates[loss] = (f"models:/{outputs[-1].model_id}", float(dice))
+    registered: list = []  # with_retries reports a registry failure and lets the job finish
+    if candidates:
+        tracking.with_retries(f"Model Registry entry {registered_name(experiment)}",
+                              lambda: registered.append(register_best(candidates, experiment)))
+    if registered and registered[-1] is not None:
+        loss, version, alias = registered[-1]
+        _print(f"registered model: {version} ({alias}), the {loss} network (best validation Dice)")
 
 
 def _summary_on_disk(results_csv: Path):

@@ -140,7 +140,7 @@ def run_reproduction(
                           f"({[d['name'] for d in experiment.datasets]})")
     seeds = [int(s) for s in (seeds if seeds is not None else experiment.seeds)]
     uri = tracking.setup_tracking(tracking_uri or tracking.default_tracking_uri(output_dir), experiment.experiment)
-    tags = {"git_commit": tracking.git_commit(), "kind": "reproduce", "experiment_config": experiment.name}
+    tags = {**tracking.source_tags(), "kind": "reproduce", "experiment_config": experiment.name}
     frames, galleries = [], {}
     started = time.perf_counter()
     with tracking.stage_run(f"reproduce-{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags,

@@ -97,7 +97,7 @@ def run_sweep(
                                   f"{profile.experiment}-lambda-sweep")
     bundle = bundle_dir(profile.bundle)
     common = stage_common(profile, output_dir, seed, progress, device)
-    tags = {"git_commit": tracking.git_commit(), "dataset": str(profile.common.get("dataset")), "seed": str(seed),
+    tags = {**tracking.source_tags(), "dataset": str(profile.common.get("dataset")), "seed": str(seed),
             "profile": profile.name, "bundle": profile.bundle, "kind": "lambda-sweep"}
     rows = []
     with tracking.stage_run(f"sweep-{profile.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags, nested=False) as parent:

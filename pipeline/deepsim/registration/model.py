@@ -12,7 +12,10 @@ test-time instance optimisation), and the folder holding the feature net a DeepS
 - a folder with one ``registration_*.pt`` in it or in its ``models/`` subfolder (a ``deepsim run`` output folder,
   a bundle folder); with several, ``similarity`` picks one;
 - an MLflow run: ``runs:/<run_id>`` or a bare 32-hex run id, whose ``checkpoint/`` artifacts are downloaded from
-  the tracking server (``tracking_uri`` or ``MLFLOW_TRACKING_URI``).
+  the tracking server (``tracking_uri`` or ``MLFLOW_TRACKING_URI``);
+- an MLflow model: ``models:/<name>/<version>``, ``models:/<name>@<alias>`` (the Model Registry; ``deepsim run``
+  registers ``deepsim-<experiment>`` with the alias ``best``) or ``models:/<model id>``. Its ``extra_files/``
+  hold our checkpoint (:mod:`deepsim.tracking.models`), read with ``weights_only=True`` like any other.
 """
 
 from __future__ import annotations
@@ -98,6 +101,23 @@ def _from_mlflow(spec: str, tracking_uri: str | None, similarity: str | None) ->
     return _from_folder(Path(folder), similarity)
 
 
+def _from_mlflow_model(spec: str, tracking_uri: str | None, similarity: str | None) -> Path:
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    target = Path(tempfile.mkdtemp(prefix="deepsim-model-"))
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(target)))
+    except Exception as exc:  # MlflowException for unknown names/versions/aliases, OSError for unreachable servers
+        raise CheckpointError(f"MLflow model {spec} (tracking URI {mlflow.get_tracking_uri()}): cannot download it "
+                              f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from exc
+    if not (folder / "extra_files").is_dir():
+        raise CheckpointError(f"MLflow model {spec}: no extra_files/ with a deepsim checkpoint in it (was it logged "
+                              "by deepsim?)")
+    return _from_folder(folder / "extra_files", similarity)
+
+
 def _spacing(path: Path, meta: dict, spacing_mm: float | None) -> float:
     if spacing_mm is not None:
         return float(spacing_mm)
@@ -123,8 +143,11 @@ def resolve_model(spec: str | Path | None = None, device: torch.device | str = "
             path = _from_folder(candidate, similarity)
         elif text.startswith("runs:/") or _RUN_ID.match(text):
             path = _from_mlflow(text, tracking_uri, similarity)
+        elif text.startswith("models:/"):
+            path = _from_mlflow_model(text, tracking_uri, similarity)
         else:
-            raise CheckpointError(f"{text}: no such checkpoint, folder or MLflow run (runs:/<id> or a 32-hex run id)")
+            raise CheckpointError(f"{text}: no such checkpoint, folder, MLflow run (runs:/<id> or a 32-hex run id) "
+                                  "or MLflow model (models:/<name>/<version> or models:/<name>@<alias>)")
     payload = load_checkpoint(path)
     if payload["builder"] != "registration_net":
         raise CheckpointError(f"{path}: a {payload['builder']} checkpoint, not a registration network")
