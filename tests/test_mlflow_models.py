@@ -165,3 +165,26 @@ def test_runs_carry_settings_inputs_models_source_tags_and_system_metrics(quick_
         assert run.data.tags.get("mlflow.source.git.commit") == (None if commit == "unknown" else commit)
         assert "git_commit" not in run.data.tags and run.data.tags["deepsim.version"]
     assert any(key.startswith("system/cpu_utilization") for key in parent.data.metrics)
+
+
+def test_bundle_inference_takes_a_registered_model(tmp_path, monkeypatch):
+    """inference.json's --model accepts models:/<name>@<alias> (here a tiny 2D network in a local store)."""
+    import nibabel as nib
+    import numpy as np
+
+    from deepsim.tracking.models import register_best
+    from deepsim.workflow import bundle_dir, run_stage
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri, info = _tiny_model_in_store(tmp_path)
+    register_best({"mse": (info.model_uri, 0.5)}, "tiny")
+    rng = np.random.default_rng(0)
+    for name in ("fixed", "moving"):
+        nib.save(nib.Nifti1Image(rng.random((20, 24)).astype(np.float32), np.diag([1.5, 1.5, 1, 1])),
+                 tmp_path / f"{name}.nii.gz")
+    run_stage("inference", {"output_dir": str(tmp_path / "out"), "model": "models:/deepsim-tiny@best",
+                            "tracking_uri": uri, "fixed": str(tmp_path / "fixed.nii.gz"),
+                            "moving": str(tmp_path / "moving.nii.gz"), "progress": False},
+              bundle=bundle_dir("cells_2d"))
+    report = json.loads((tmp_path / "out" / "inference" / "registration.json").read_text())
+    assert report["model"].endswith("extra_files/registration_mse.pt") and report["model_spacing_mm"] == 1.5
