@@ -3,6 +3,7 @@ mlflow.pytorch.load_model("models:/...") and `deepsim register --model models:/.
 settings are params, the datalist splits are dataset inputs, source tags and system metrics are standard."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,8 +40,8 @@ def test_resolved_settings_are_plain_values_and_instantiate_nothing():
     parser.parse()
     settings = resolved_settings(parser)
     assert settings == {"lr": 0.001, "lambdas": {"mse": 0.1, "ncc": 1.0}, "similarity": "ncc", "weight": 1.0,
-                        "device": "cpu", "out": "o", "models": "o/models", "net_kwargs": {"channels": [4, 8], "dims": 3},
-                        "dims": 3}
+                        "device": "cpu", "out": "o", "models": "o/models", "dims": 3,
+                        "net_kwargs": {"channels": [4, 8], "dims": 3}}
 
 
 def _tiny_model_in_store(tmp_path):
@@ -90,10 +91,32 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # one sample a second: a short run still gets some
-    proc = subprocess.run([sys.executable, "-m", "deepsim", "run", "--profile", "quick", "--losses", "mse",
-                           "deepsim-seg", "--out", str(out)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "deepsim", "run", "--profile", "quick", "--out", str(out)],
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
+
+
+@pytest.mark.slow
+def test_quick_profile_main_job_writes_mlflow_runs_and_finite_metrics(quick_run):
+    import mlflow
+    import pandas as pd
+
+    out, proc = quick_run
+    assert "| identity |" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
+    results = pd.read_csv(out / "report" / "results.csv")
+    assert set(results["method"]) == {"identity", "mse", "ncc", "deepsim-ae", "deepsim-seg"}
+    assert all(math.isfinite(v) for v in results[["dice_mean", "folding_pct", "std_logjac"]].to_numpy().ravel())
+    for png in ("dice_boxplot.png", "overlay_mse.png", "grid_deepsim-seg.png", "jacobian_ncc.png"):
+        assert (out / "report" / png).stat().st_size > 0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("quick")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert {"preprocess", "feature_ae", "feature_seg", "registration-mse", "registration-ncc",
+            "registration-deepsim-ae", "registration-deepsim-seg", "evaluation"} <= set(runs)
+    reg = runs["registration-ncc"]
+    assert math.isfinite(reg.data.metrics["test/dice_mean"]) and math.isfinite(reg.data.metrics["train/loss"])
+    assert reg.data.tags["mlflow.parentRunId"] in {r.info.run_id for r in runs.values()}
 
 
 @pytest.mark.slow
@@ -101,7 +124,7 @@ def test_quick_run_prints_only_results_on_stdout_and_no_bars_into_a_redirected_l
     _, proc = quick_run
     lines = proc.stdout.splitlines()
     assert not [line for line in lines if " - INFO - " in line or "WARNING" in line or "[deepsim]" in line]
-    assert any(line.startswith("| deepsim-seg |") for line in lines) and len(lines) <= 15
+    assert any(line.startswith("| deepsim-seg |") for line in lines) and len(lines) <= 16
     assert "\r" not in proc.stderr and "%|" not in proc.stderr
     assert "registered model: models:/deepsim-quick/1 (models:/deepsim-quick@best)" in proc.stderr
 

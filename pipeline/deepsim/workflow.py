@@ -28,7 +28,7 @@ from deepsim.errors import ConfigError
 from deepsim.registration.similarity import FEATURE_NET_OF, SIMILARITY_NAMES
 from deepsim.run_record import RunRecord, run_settings
 from deepsim.tracking import mlflow_tracking as tracking
-from deepsim.tracking.models import log_network_model, register_best, registered_name
+from deepsim.tracking.models import log_network_model, logged_candidates, register_best, registered_name
 from deepsim.tracking.settings import log_stage
 
 __all__ = [
@@ -366,22 +366,11 @@ def tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags:
 
 
 def _register_best(run_ids: Mapping[str, str], models_dir: Path, experiment: str) -> None:
-    """Register the registration network with the best final validation Dice (see :mod:`deepsim.tracking.models`)."""
-    import mlflow
-
-    from deepsim.engine.checkpoints import load_checkpoint
-
-    client = mlflow.MlflowClient()
-    candidates = {}
-    for loss, run_id in run_ids.items():
-        outputs = client.get_run(run_id).outputs.model_outputs if run_id else []
-        dice = load_checkpoint(models_dir / f"registration_{loss}.pt").get("meta", {}).get("val/dice", float("nan"))
-        if outputs:
-            candidates[loss] = (f"models:/{outputs[-1].model_id}", float(dice))
-    registered: list = []  # with_retries reports a registry failure and lets the job finish
-    if candidates:
-        tracking.with_retries(f"Model Registry entry {registered_name(experiment)}",
-                              lambda: registered.append(register_best(candidates, experiment)))
+    """Register the registration network with the best final validation Dice (:mod:`deepsim.tracking.models`);
+    a registry failure is reported like a failed upload and the job finishes."""
+    registered: list = []
+    tracking.with_retries(f"Model Registry entry {registered_name(experiment)}",
+                          lambda: registered.append(register_best(logged_candidates(run_ids, models_dir), experiment)))
     if registered and registered[-1] is not None:
         loss, version, alias = registered[-1]
         _print(f"registered model: {version} ({alias}), the {loss} network (best validation Dice)")

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ALIAS", "log_network_model", "register_best", "registered_name", "signature_of"]
+__all__ = ["ALIAS", "log_network_model", "logged_candidates", "register_best", "registered_name", "signature_of"]
 
 #: the alias ``deepsim run`` moves to the version it registers
 ALIAS = "best"
@@ -104,6 +104,22 @@ def log_network_model(checkpoint: str | Path, name: str, extra: Sequence[str | P
         )
     finally:
         flavor_log.setLevel(level)
+
+
+def logged_candidates(run_ids: Mapping[str, str], models_dir: str | Path) -> dict[str, tuple[str, float]]:
+    """loss -> (``models:/<model id>`` its registration run logged, final validation Dice of its checkpoint)."""
+    import mlflow
+
+    from deepsim.engine.checkpoints import load_checkpoint
+
+    client = mlflow.MlflowClient()
+    candidates = {}
+    for loss, run_id in run_ids.items():
+        outputs = client.get_run(run_id).outputs.model_outputs if run_id else []
+        if outputs:
+            meta = load_checkpoint(Path(models_dir) / f"registration_{loss}.pt").get("meta", {})
+            candidates[loss] = (f"models:/{outputs[-1].model_id}", float(meta.get("val/dice", float("nan"))))
+    return candidates
 
 
 def register_best(candidates: Mapping[str, tuple[str, float]], experiment: str) -> tuple[str, str, str] | None:
