@@ -297,7 +297,8 @@ def _runs(out: Path) -> dict:
         # every logged value, in order: a stage retrained from scratch would log its first epochs twice
         history = {k: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, k),
                                                           key=lambda m: (m.timestamp, m.step))]
-                   for k in run.data.metrics if "seconds" not in k and "wall_time" not in k}
+                   for k in run.data.metrics  # times and system/* samples describe the machine, not the run
+                   if "seconds" not in k and "wall_time" not in k and not k.startswith("system/")}
         result[name] = (run.info.status, history, run.info.run_id)
     return result
 

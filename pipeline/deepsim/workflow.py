@@ -29,7 +29,7 @@ from deepsim.registration.similarity import FEATURE_NET_OF, SIMILARITY_NAMES
 from deepsim.run_record import RunRecord, run_settings
 from deepsim.tracking import mlflow_tracking as tracking
 from deepsim.tracking.models import log_network_model, logged_candidates, register_best, registered_name
-from deepsim.tracking.settings import log_stage
+from deepsim.tracking.settings import log_inputs, log_settings
 
 __all__ = [
     "STAGE_FILES",
@@ -330,8 +330,8 @@ def tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags:
                   artifacts: Sequence[tuple[Path, str]] = (), bundle: Path | None = None,
                   distributed: bool = False, record: RunRecord | None = None,
                   models: Sequence[tuple[Path, Sequence[Path]]] = ()) -> tuple[str, Any]:
-    """Run one bundle stage inside a nested MLflow run: every resolved setting as a param and the datalist splits
-    it reads as dataset inputs (before it runs), then the merged stage config, ``artifacts`` and ``models``
+    """Run one bundle stage inside a nested MLflow run: every resolved setting as a param (before it runs), then
+    the datalist splits it read as dataset inputs, the merged stage config, ``artifacts`` and ``models``
     (checkpoints logged as MLflow models, each with the extra files it needs: :mod:`deepsim.tracking.models`).
 
     Returns ``(run_id, parser)``; ``parser`` is the stage's resolved config (read results with
@@ -353,7 +353,8 @@ def tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags:
         if record is not None:
             record.stage_started(run_name, run.info.run_id)
         parser = run_stage(stage, stage_overrides, bundle=bundle, distributed=distributed,
-                           on_ready=lambda parsed: log_stage(parsed, stage, only_new=run_id is not None))
+                           on_ready=lambda parsed: log_settings(parsed, only_new=run_id is not None))
+        log_inputs(parser, stage)
         tracking.log_dict(parser.get(), f"config/{stage}.json")
         for path, artifact_path in artifacts:
             tracking.log_artifact(path, artifact_path)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["resolved_settings", "log_stage"]
+__all__ = ["resolved_settings", "log_settings", "log_inputs"]
 
 _SKIP = {"imports", "initialize", "run", "finalize", "_meta_"}
 _REFERENCE = re.compile(r"@([A-Za-z0-9_]+)")
@@ -63,21 +63,26 @@ _STAGE_SPLITS = {
 }
 
 
-def log_stage(parser, stage: str, only_new: bool = False) -> None:
-    """Log a stage's resolved settings as params and its datalist splits as MLflow dataset inputs (active run).
+def log_settings(parser, only_new: bool = False) -> None:
+    """Log a stage's resolved settings as params of the active run; called once its config is parsed and before
+    it runs, so a failing stage keeps its params."""
+    from deepsim.tracking import mlflow_tracking as tracking
 
-    Called once the stage's config is parsed and before it runs, so a failing stage keeps its params. Resolving
-    ``datalist`` prepares the data (cached), as the stage itself would first."""
+    tracking.log_params(resolved_settings(parser), only_new=only_new)
+
+
+def log_inputs(parser, stage: str) -> None:
+    """Log the datalist splits a stage read as MLflow dataset inputs of the active run; called after it ran, when
+    ``datalist`` is resolved. (Resolving it earlier would prepare the data out of turn: under torchrun that is a
+    collective call, and rank 0 alone calling it first made the ranks wait for each other forever.)"""
     from pathlib import Path
 
     from deepsim.tracking import mlflow_tracking as tracking
 
-    settings = resolved_settings(parser)
-    tracking.log_params(settings, only_new=only_new)
     splits = _STAGE_SPLITS.get(stage, {})
     if stage == "evaluate":
-        splits = {str(settings.get("split", "test")): "evaluation"}
+        splits = {str(parser.get_parsed_content("split")): "evaluation"} if "split" in parser.get() else {}
     if splits and "datalist" in parser.get():
-        dataset = str(settings.get("dataset", "dataset"))
+        dataset = str(parser.get_parsed_content("dataset")) if "dataset" in parser.get() else "dataset"
         name = Path(dataset).name if ("/" in dataset or "\\" in dataset) else dataset
         tracking.log_datalist(parser.get_parsed_content("datalist"), name, splits)
