@@ -57,7 +57,8 @@ def compare_results(a: Path, b: Path) -> tuple[bool, str]:
     if differ:
         i, c, x, y = differ[0]
         return False, f"results.csv: {len(differ)} cells differ (first: row {i + 1} {c}: {x} vs {y})"
-    return True, f"results.csv: {len(rows_a)} rows x {len(columns)} columns identical (timings {TIMING_COLUMNS} excluded)"
+    return True, (f"results.csv: {len(rows_a)} rows x {len(columns)} columns identical "
+                  f"(timings {TIMING_COLUMNS} excluded)")
 
 
 def compare_models(a: Path, b: Path) -> tuple[bool, str]:

@@ -34,7 +34,7 @@ RECORD = {
     "rank": "$torch.distributed.get_rank() if torch.distributed.is_initialized() else 0",
     "run": [
         "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED, "
-        "lambda engine: @step_losses.append(engine.state.output['loss']))",
+        "lambda engine: @step_losses.append(engine.state.output[0]['loss']))",
         "$@train#trainer.run()",
         "$torch.save({'losses': @step_losses, 'state': getattr(@train#trainer.network, 'module', "
         "@train#trainer.network).state_dict()}, @output_dir + '/rank' + str(@rank) + '.pt')",

@@ -133,7 +133,7 @@ def test_reproduce_command_writes_report_rows_for_every_seed_noise_method_and_pa
     # a second call finds every seed's results and only rebuilds the report
     assert main(["reproduce", "--config", str(tmp_path / "experiment.json"), "--out", str(out),
                  "--no-progress"]) == 0
-    assert "results found, reused" in capsys.readouterr().out
+    assert "results found, reused" in capsys.readouterr().err
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")

@@ -2,7 +2,9 @@
 
 ``deepsim run`` is the main job; ``deepsim reproduce`` the paper reproduction (all losses, datasets, seeds, noise);
 ``deepsim sweep`` the λ selection; ``deepsim register`` / ``deepsim warp`` register users' own images and apply
-saved fields; ``deepsim bundle-path`` locates a MONAI bundle.
+saved fields; ``deepsim bundle-path`` locates a MONAI bundle. ``python -m deepsim`` is the same command.
+Results go to stdout, progress messages to stderr (``-q`` keeps warnings only, ``-v`` adds debug messages and the
+INFO lines of MONAI and MLflow; :mod:`deepsim.console`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,14 @@ import sys
 import warnings
 from pathlib import Path
 
+from deepsim import __version__, console
 from deepsim.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, DeepsimError, UsageError, exit_code
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "LOSSES"]
+
+#: the similarity losses, listed in the help texts; equal to deepsim.registration.similarity.SIMILARITY_NAMES
+#: (tested), spelled out here so that ``deepsim --help`` does not import torch and MONAI
+LOSSES = ("mse", "ncc", "ncc-sup", "nmi", "mind", "deepsim-ae", "deepsim-seg")
 
 _EPILOG = """examples:
   deepsim run                              # whole pipeline on the embedded brains (CPU, ~12 min)
@@ -24,7 +31,7 @@ _EPILOG = """examples:
   deepsim run --tracking-uri http://mlflow.example:5000
   deepsim run --resume --out deepsim_output  # continue a killed run where it stopped
   deepsim sync-runs --from sqlite:///deepsim_output/mlflow.db --to http://mlflow.example:5000
-  torchrun --standalone --nproc_per_node=4 -m deepsim.cli run --distributed --profile full   # 4 GPUs, DDP
+  torchrun --standalone --nproc_per_node=4 -m deepsim run --distributed --profile full   # 4 GPUs, DDP
   deepsim reproduce                        # paper reproduction, CPU scale: brains + cells, 3 seeds, noise study
   deepsim reproduce --scale full --datasets brain_mri --device cuda   # 1 mm brains on a GPU
   deepsim sweep --profile paper_cells --losses mse ncc --grid 0.1 1 10
@@ -85,10 +92,20 @@ def _add_output_options(parser: argparse.ArgumentParser, out_default: str, out_h
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
     parser.add_argument("--device", type=_device, default=None,
                         help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="hide progress bars (they are drawn only when stderr is a terminal anyway)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty --out folder that deepsim did not create (files of the names "
                         "deepsim writes are replaced; the user's other files and data are never deleted)")
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default=0) -> None:
+    """-q/-v on the main parser and on every command (``deepsim run -q`` and ``deepsim -q run`` alike)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
+                       help="only warnings and errors on stderr, no progress bars")
+    group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=default,
+                       help="also debug messages and the INFO lines of MONAI and MLflow")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"deepsim {__version__}")
+    _add_verbosity(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
         "run",
@@ -113,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(1 mm, GPU) or a path to a profile JSON")
     _add_output_options(run, "deepsim_output", "output folder: data/, models/, report/ and the MLflow store mlflow.db")
     run.add_argument("--losses", nargs="+", default=None, metavar="LOSS",
-                     help="similarity losses to train (default: the profile's list): mse ncc deepsim-ae deepsim-seg")
+                     help="similarity losses to train (default: the profile's list), any of: " + " ".join(LOSSES))
     run.add_argument("--seed", type=_SEED, default=0, help="random seed (data synthesis, pairs, initialisation)")
     run.add_argument("--distributed", action="store_true",
                      help="data-parallel training (DDP) on every process of a torchrun job: launch as torchrun "
@@ -151,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     swp.add_argument("--profile", default="paper_brain", help="profile name or JSON path")
-    swp.add_argument("--losses", nargs="+", default=None, metavar="LOSS", help="losses (default: the profile's)")
+    swp.add_argument("--losses", nargs="+", default=None, metavar="LOSS",
+                     help="losses (default: the profile's), any of: " + " ".join(LOSSES))
     grid = swp.add_mutually_exclusive_group()
     grid.add_argument("--grid", nargs="+", type=_NON_NEGATIVE, default=None, metavar="LAMBDA",
                       help="the same λ values for every loss (default: 0.0625 0.25 1 4)")
@@ -203,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out reg/   # other contrast\n"
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --model deepsim_output --similarity mse --out reg/\n"
         "  deepsim register --pairs pairs.csv --out reg/        # many pairs, model loaded once\n"
-        "  deepsim register --fixed F.nii.gz --moving M.nii.gz --model runs:/<run_id> --tracking-uri "
+        "  deepsim register --fixed F.nii.gz --moving M.nii.gz --model models:/deepsim-brain_mri@best --tracking-uri "
         "sqlite:///deepsim_output/mlflow.db --out reg/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -217,10 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--moving-label", type=Path, default=None, help="label map of the moving image, warped too")
     rg.add_argument("--model", default=None,
                     help="a registration checkpoint (.pt), a folder holding registration_*.pt (a deepsim run output "
-                    "or bundle folder), or an MLflow run (runs:/<id> or the run id). Default: the pretrained brain "
-                    "model shipped with deepsim (1 mm T1-weighted, skull-stripped)")
+                    "or bundle folder), an MLflow run (runs:/<id> or the run id) or an MLflow model "
+                    "(models:/<name>/<version>, models:/<name>@<alias>; deepsim run registers deepsim-<experiment>"
+                    "@best). Default: the pretrained brain model shipped with deepsim (1 mm T1-weighted, "
+                    "skull-stripped)")
     rg.add_argument("--similarity", default=None,
-                    help="which model of a folder/run holding several (e.g. mse, deepsim-seg)")
+                    help="which model of a folder/run holding several: " + " ".join(LOSSES))
     rg.add_argument("--spacing", type=_POSITIVE, default=None, metavar="MM",
                     help="the model's training voxel spacing, for checkpoints that do not record it (with "
                     "--no-network: the spacing of the grid the optimisation runs on; default the fixed image's)")
@@ -251,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--learning-rate", type=_POSITIVE, default=0.5,
                         help="instance optimisation: the longest step, in voxels of each level")
     rg.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu or cuda:0")
-    rg.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --model runs:/<id>")
+    rg.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --model runs:/... or models:/...")
     rg.add_argument("--no-progress", action="store_true", help="hide progress bars")
     cp = sub.add_parser(
         "compare",
@@ -303,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--experiment", nargs="+", default=None, metavar="NAME", help="only these experiments")
     bp = sub.add_parser("bundle-path", help="print the folder of an installed MONAI bundle")
     bp.add_argument("name", nargs="?", default="brain_mri", help="bundle name: brain_mri or cells_2d")
+    for command in sub.choices.values():
+        _add_verbosity(command, default=argparse.SUPPRESS)
     return parser
 
 
@@ -409,7 +433,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from deepsim.experiments.reproduce import load_experiment, run_reproduction
 
     experiment = load_experiment(args.config or ("paper_cpu" if args.scale == "quick" else "paper_gpu"))
-    via_cli = sys.argv[0].endswith(("deepsim", "cli.py"))
+    via_cli = sys.argv[0].endswith(("deepsim", "cli.py", "__main__.py"))
     command = "deepsim " + " ".join(sys.argv[1:]) if via_cli else "deepsim reproduce"
     with _own(args, "deepsim reproduce"):
         path, _ = run_reproduction(experiment, args.out, datasets=args.datasets, seeds=args.seeds, device=args.device,
@@ -527,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0), or a usage error already printed in one line (2)
         return exc.code if isinstance(exc.code, int) else 0
+    console.configure(args.verbosity)
+    if hasattr(args, "no_progress"):  # bars only when asked for, not quieted and on a terminal
+        args.no_progress = not console.progress_enabled(not args.no_progress)
     # Emitted by torch inside MONAI's Warp on every call; not actionable for users.
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
     # MONAI's Warp announces its (only) backend on construction: noise before our one-line errors.

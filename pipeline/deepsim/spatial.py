@@ -24,17 +24,26 @@ class CachedGridWarp(Warp):
     to the device, 83 MB per call for a 160×192×224 field. On an H200 that host work and copy made our training step
     CPU-bound (``benchmarks/profile_step.py``). Here the grid is kept per (spatial shape, device, dtype) and made
     directly on the device; it has batch size 1 and broadcasts over the batch. The warp itself is MONAI's.
+
+    While ``torch.export`` or ``torch.jit.trace`` records the network, the grid is built inside the graph instead:
+    a cached tensor would be baked in as a constant of one shape (export then fails on its shape guard).
     """
 
     def get_reference_grid(self, ddf: torch.Tensor, jitter: bool = False, seed: int = 0) -> torch.Tensor:
         if jitter:
             return super().get_reference_grid(ddf, jitter, seed)
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            return self._grid(ddf)
         key = (tuple(ddf.shape[2:]), ddf.device, ddf.dtype)
         if self.ref_grid is None or getattr(self, "_grid_key", None) != key:
-            axes = [torch.arange(n, device=ddf.device, dtype=ddf.dtype) for n in ddf.shape[2:]]
-            self.ref_grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)[None]
+            self.ref_grid = self._grid(ddf)
             self._grid_key = key
         return self.ref_grid
+
+    @staticmethod
+    def _grid(ddf: torch.Tensor) -> torch.Tensor:
+        axes = [torch.arange(n, device=ddf.device, dtype=ddf.dtype) for n in ddf.shape[2:]]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)[None]
 
 
 _bilinear_warp = CachedGridWarp(mode="bilinear", padding_mode="border")

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from deepsim.console import quiet_libraries
 from deepsim.engine.distributed import barrier, is_main_process
 from deepsim.config_check import check_profile
 from deepsim.errors import ConfigError
@@ -28,6 +29,8 @@ from deepsim.output_folder import check_apart, check_output_folder, check_replac
 from deepsim.registration.similarity import FEATURE_NET_OF, SIMILARITY_NAMES
 from deepsim.run_record import RunRecord, run_settings
 from deepsim.tracking import mlflow_tracking as tracking
+from deepsim.tracking.models import log_network_model, logged_candidates, register_best, registered_name
+from deepsim.tracking.settings import log_inputs, log_settings
 
 __all__ = [
     "STAGE_FILES",
@@ -58,6 +61,7 @@ MULTI_GPU_FILES = {
     "feature_seg": "multi_gpu_train_feature_seg.json",
     "registration": "multi_gpu_train_registration.json",
 }
+logger = logging.getLogger(__name__)
 _PROFILE_KEYS = {"description", "experiment", "bundle", "common", "losses", "stages", "lambdas", "hybrids"}
 
 
@@ -124,19 +128,20 @@ def load_profile(name_or_path: str) -> Profile:
                    bundle=raw.get("bundle", "brain_mri"), source=str(path))
 
 
-def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = None, distributed: bool = False) -> Any:
+def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = None, distributed: bool = False,
+              on_ready: Callable[[Any], None] | None = None) -> Any:
     """Run one bundle stage (``common.json`` + its stage file) through MONAI's ``ConfigWorkflow``.
 
     ``distributed``: a training stage also reads its ``multi_gpu_*.json`` (every rank of a torchrun job runs it).
+    ``on_ready(parser)`` is called once the config is parsed, before the stage runs (tracking logs its settings).
 
     Returns the workflow's parser, so callers can read resolved values (e.g. ``evaluate``'s result).
     """
     from monai.bundle import ConfigWorkflow
 
-    # MONAI's bundle runner logs that we pass no logging file and no workflow type on every stage: noise here.
-    # (monai.bundle.workflows has its own logger and level: setting its parent's is not enough)
-    for name in ("monai.bundle", "monai.bundle.workflows"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # MONAI's bundle runner logs that we pass no logging file and no workflow type on every stage: noise here,
+    # unless deepsim itself logs at DEBUG (-v). Its loggers are (re)created at INFO by the import above.
+    quiet_libraries()
     bundle = bundle or bundle_dir()
     configs = bundle / "configs"
     files = [configs / "common.json", configs / STAGE_FILES[stage]]
@@ -147,9 +152,11 @@ def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = No
         meta_file=str(configs / "metadata.json"),
         logging_file=False,
         workflow_type=None,
-        **dict(overrides),
+        **{"bundle_root": str(bundle), **dict(overrides)},  # the bundle's own files (models/model.pt), from any cwd
     )
     workflow.initialize()
+    if on_ready is not None:
+        on_ready(workflow.parser)
     workflow.run()
     workflow.finalize()
     return workflow.parser
@@ -157,7 +164,7 @@ def run_stage(stage: str, overrides: Mapping[str, Any], bundle: Path | None = No
 
 def _print(msg: str) -> None:
     if is_main_process():  # one voice under torchrun
-        print(msg, flush=True)
+        logger.info(msg)
 
 
 def stage_common(profile: Profile, output_dir: Path, seed: int = 0, progress: bool = True,
@@ -187,6 +194,12 @@ def registration_artifacts(models_dir: Path, loss: str) -> list[tuple[Path, str]
     return artifacts
 
 
+def registration_models(models_dir: Path, loss: str) -> list[tuple[Path, list[Path]]]:
+    """The MLflow model a registration run logs: its network, with the feature net a DeepSim loss needs inside."""
+    kind = FEATURE_NET_OF.get(loss)
+    return [(models_dir / f"registration_{loss}.pt", [models_dir / f"feature_{kind}.pt"] if kind else [])]
+
+
 def check_losses(losses: Sequence[str]) -> list[str]:
     bad = [loss for loss in losses if loss not in SIMILARITY_NAMES]
     if bad:
@@ -203,16 +216,16 @@ def prepare_and_pretrain(profile: Profile, common: Mapping[str, Any], losses: Se
     :func:`tracked_stage`.
     """
     output_dir = Path(common["output_dir"])
-    _print(f"[deepsim] 1/4 preparing data in {output_dir / 'data'}")
+    _print(f"1/4 preparing data in {output_dir / 'data'}")
     if is_main_process():
         tracked_stage("preprocess", "preprocess", common, tags, bundle=bundle, record=record)
     barrier()
     for kind in sorted({FEATURE_NET_OF[loss] for loss in losses} - {None}):
         name = f"feature_{kind}"
-        _print(f"[deepsim] 2/4 feature pretraining: {name}")
+        _print(f"2/4 feature pretraining: {name}")
         tracked_stage(name, name, {**common, **profile.stages.get(name, {})}, tags,
                       [(output_dir / "models" / f"{name}.pt", "checkpoint")], bundle=bundle, distributed=distributed,
-                      record=record)
+                      record=record, models=[(output_dir / "models" / f"{name}.pt", [])])
 
 
 def run_pipeline(
@@ -299,12 +312,13 @@ def _run_pipeline(profile: Profile, output_dir: Path, tracking_uri: str | None, 
                           "now; resume when it is")
     bundle = bundle_dir(profile.bundle)
     common = stage_common(profile, output_dir, seed, progress, device)
-    tags = {"git_commit": tracking.git_commit(), "dataset": str(profile.common.get("dataset")), "seed": str(seed),
+    tags = {**tracking.source_tags(), "dataset": str(profile.common.get("dataset")), "seed": str(seed),
             "profile": profile.name, "bundle": profile.bundle}
     started = time.perf_counter()
     run_name = f"pipeline-{profile.name}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     parent_id = record.parent_run_id if resume else None
-    with (tracking.stage_run(run_name, tags, nested=nested, run_id=parent_id) if main else nullcontext()) as parent:
+    parent_run = tracking.stage_run(run_name, tags, nested=nested, run_id=parent_id, system_metrics=not nested)
+    with (parent_run if main else nullcontext()) as parent:
         if main and record is not None:
             record.parent_run_id, record.resumes = parent.info.run_id, record.resumes + int(resume)
             record.save()
@@ -314,19 +328,20 @@ def _run_pipeline(profile: Profile, output_dir: Path, tracking_uri: str | None, 
                 mlflow.set_tag("deepsim.resumes", str(record.resumes))
         tracking.log_params({"profile": profile.name, "losses": losses, **common}, only_new=resume)
         tracking.log_artifact(profile.source, "config")
-        _print(f"[deepsim] profile {profile.name!r}: {profile.description}")
+        _print(f"profile {profile.name!r}: {profile.description}")
         prepare_and_pretrain(profile, common, losses, tags, bundle, distributed, record)
         run_ids = {}
         for loss in losses:
-            _print(f"[deepsim] 3/4 registration training: {loss}")
+            _print(f"3/4 registration training: {loss}")
             run_ids[loss], _ = tracked_stage(f"registration-{loss}", "registration",
                                              registration_overrides(profile, common, loss),
                                              {**tags, "similarity": loss},
                                              registration_artifacts(output_dir / "models", loss), bundle=bundle,
-                                             distributed=distributed, record=record)
+                                             distributed=distributed, record=record,
+                                             models=registration_models(output_dir / "models", loss))
         if not main:
             return None, uri
-        _print("[deepsim] 4/4 evaluation on the held-out test pairs")
+        _print("4/4 evaluation on the held-out test pairs")
         eval_id, parser = tracked_stage("evaluation", "evaluate",
                                         {**common, "methods": evaluation_methods(profile, losses)}, tags,
                                         [(output_dir / "report", "report")], bundle=bundle, record=record)
@@ -336,20 +351,27 @@ def _run_pipeline(profile: Profile, output_dir: Path, tracking_uri: str | None, 
             summary = parser.get_parsed_content("evaluate")
             _log_test_metrics(summary, run_ids, eval_id)
         tracking.log_metrics({"pipeline/wall_time_s": time.perf_counter() - started})
-        _print(f"[deepsim] parent MLflow run: {parent.info.run_id}")
+        _print(f"parent MLflow run: {parent.info.run_id}")
+        if not nested:
+            _register_best(run_ids, output_dir / "models", profile.experiment)
     return summary, uri
 
 
 def evaluation_methods(profile: Profile, losses: Sequence[str]) -> list[str]:
-    """What the evaluation stage scores: the identity, the affine stage alone, every trained network alone, and
-    the hybrids (affine, network, instance optimisation) of the profile's ``hybrids`` that were trained."""
-    return ["identity", "affine", *losses, *[f"{loss}+io" for loss in profile.hybrids if loss in losses]]
+    """What the evaluation stage scores: the identity and every trained network alone, and, when the profile lists
+    ``hybrids``, the affine stage alone and those hybrids that were trained (affine, network, instance
+    optimisation): the accurate path's rows beside the learned ones."""
+    hybrids = [f"{loss}+io" for loss in profile.hybrids if loss in losses]
+    return ["identity", *(["affine"] if hybrids else []), *losses, *hybrids]
 
 
 def tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags: Mapping[str, str],
                   artifacts: Sequence[tuple[Path, str]] = (), bundle: Path | None = None,
-                  distributed: bool = False, record: RunRecord | None = None) -> tuple[str, Any]:
-    """Run one bundle stage inside a nested MLflow run: params, the merged stage config and ``artifacts`` logged.
+                  distributed: bool = False, record: RunRecord | None = None,
+                  models: Sequence[tuple[Path, Sequence[Path]]] = ()) -> tuple[str, Any]:
+    """Run one bundle stage inside a nested MLflow run: every resolved setting as a param (before it runs), then
+    the datalist splits it read as dataset inputs, the merged stage config, ``artifacts`` and ``models``
+    (checkpoints logged as MLflow models, each with the extra files it needs: :mod:`deepsim.tracking.models`).
 
     Returns ``(run_id, parser)``; ``parser`` is the stage's resolved config (read results with
     ``parser.get_parsed_content(...)``). ``distributed``: see :func:`run_stage`; ranks other than 0 run the stage
@@ -360,7 +382,7 @@ def tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags:
     bundle stage gets ``resume: true`` (its training restarts from ``models/<stage>.state.pt``).
     """
     if record is not None and record.done(run_name):
-        _print(f"[deepsim] {run_name}: finished before, skipped (--resume)")
+        _print(f"{run_name}: finished before, skipped (--resume)")
         return record.run_id(run_name) or "", None
     run_id = record.run_id(run_name) if record is not None else None
     stage_overrides = {**overrides, "resume": True} if run_id is not None else overrides
@@ -369,14 +391,29 @@ def tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags:
     with tracking.stage_run(run_name, tags, run_id=run_id) as run:
         if record is not None:
             record.stage_started(run_name, run.info.run_id)
-        tracking.log_params(overrides, only_new=run_id is not None)
-        parser = run_stage(stage, stage_overrides, bundle=bundle, distributed=distributed)
+        parser = run_stage(stage, stage_overrides, bundle=bundle, distributed=distributed,
+                           on_ready=lambda parsed: log_settings(parsed, only_new=run_id is not None))
+        log_inputs(parser, stage)
         tracking.log_dict(parser.get(), f"config/{stage}.json")
         for path, artifact_path in artifacts:
             tracking.log_artifact(path, artifact_path)
+        for checkpoint, extra in models:
+            tracking.with_retries(f"MLflow model of {checkpoint} -> run {run.info.run_id}",
+                                  lambda c=checkpoint, e=extra: log_network_model(c, c.stem, e))
     if record is not None:
         record.stage_done(run_name)
     return run.info.run_id, parser
+
+
+def _register_best(run_ids: Mapping[str, str], models_dir: Path, experiment: str) -> None:
+    """Register the registration network with the best final validation Dice (:mod:`deepsim.tracking.models`);
+    a registry failure is reported like a failed upload and the job finishes."""
+    registered: list = []
+    tracking.with_retries(f"Model Registry entry {registered_name(experiment)}",
+                          lambda: registered.append(register_best(logged_candidates(run_ids, models_dir), experiment)))
+    if registered and registered[-1] is not None:
+        loss, version, alias = registered[-1]
+        _print(f"registered model: {version} ({alias}), the {loss} network (best validation Dice)")
 
 
 def _summary_on_disk(results_csv: Path):

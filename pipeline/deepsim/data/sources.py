@@ -9,12 +9,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from deepsim.errors import ConfigError
 
-__all__ = ["prepare_dataset"]
+__all__ = ["prepare_dataset", "log_datalist"]
+
+logger = logging.getLogger(__name__)
 
 
 def prepare_dataset(
@@ -64,3 +67,9 @@ def prepare_dataset(
                                       roi_size=roi_size, seed=seed)
     result = Path(result)
     return result if result.suffix == ".json" else result / "datalist.json"
+
+
+def log_datalist(datalist: str | Path) -> Path:
+    """The preprocess stage's result: say where the prepared datalist is (INFO on logger ``deepsim``)."""
+    logger.info("datalist: %s", datalist)
+    return Path(datalist)

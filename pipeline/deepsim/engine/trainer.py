@@ -70,6 +70,10 @@ class TaskIteration:
 
     ``precision="bf16"`` runs the task under bf16 autocast on CUDA (see :func:`autocast`); no loss scaling is needed
     with bfloat16's float32 exponent range.
+
+    ``engine.state.output`` is ``[{"loss": float, ...}]``: MONAI's decollated form, a list of dicts, so MONAI's
+    handlers read it with their usual ``from_engine(["loss"], first=True)`` (e.g. the ``MLFlowHandler`` that
+    ``python -m monai.bundle run ... --tracking mlflow`` adds; a plain dict made it log a tuple and crash).
     """
 
     def __init__(self, task: Callable[[nn.Module, Mapping, torch.device], dict], accumulation_steps: int = 1,
@@ -81,7 +85,7 @@ class TaskIteration:
         self.accumulation_steps = accumulation_steps
         self.precision = precision
 
-    def __call__(self, engine: SupervisedTrainer, batch: Mapping) -> dict[str, float]:
+    def __call__(self, engine: SupervisedTrainer, batch: Mapping) -> list[dict[str, float]]:
         engine.network.train()
         step = engine.state.iteration - 1
         if step % self.accumulation_steps == 0:
@@ -99,9 +103,9 @@ class TaskIteration:
         result = dict(zip(out, values))
         if not all(map(math.isfinite, values)):
             raise FloatingPointError(f"non-finite training values at iteration {engine.state.iteration}: {result}")
-        engine.state.output = result
+        engine.state.output = [result]
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return result
+        return engine.state.output
 
 
 class EpochAverages:
@@ -146,7 +150,7 @@ class EpochAverages:
             self._resumed = (dict(state["sums"]), int(state["count"]), float(state["elapsed_s"]))
 
     def _accumulate(self, engine: Engine) -> None:
-        for k, v in engine.state.output.items():
+        for k, v in engine.state.output[0].items():
             self._sums[k] += v
         self._count += 1
 
@@ -219,7 +223,7 @@ class ProgressBar:
         self._bar = tqdm(total=total or None, desc=self.description, unit="step", dynamic_ncols=True)
 
     def _update(self, engine: Engine) -> None:
-        self._bar.set_postfix(loss=f"{engine.state.output['loss']:.4f}", refresh=False)
+        self._bar.set_postfix(loss=f"{engine.state.output[0]['loss']:.4f}", refresh=False)
         self._bar.update(engine.state.iteration - self._bar.n)  # a resumed run starts at its iteration
 
     def _close(self, engine: Engine) -> None:

@@ -16,6 +16,9 @@ is read back instead of retrained when ``resume=True``.
 
 from __future__ import annotations
 
+import dataclasses
+
+import logging
 import platform
 import time
 from collections.abc import Sequence
@@ -29,6 +32,8 @@ import torch
 from deepsim.errors import ConfigError
 from deepsim.io import atomic_write
 from deepsim.tracking import mlflow_tracking as tracking
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Experiment", "load_experiment", "run_reproduction"]
 
@@ -138,7 +143,7 @@ def run_reproduction(
     seeds = [int(s) for s in (seeds if seeds is not None else experiment.seeds)]
     output_dir.mkdir(parents=True, exist_ok=True)  # the default store lives in it (a store's folder must exist)
     uri = tracking.setup_tracking(tracking_uri or tracking.default_tracking_uri(output_dir), experiment.experiment)
-    tags = {"git_commit": tracking.git_commit(), "kind": "reproduce", "experiment_config": experiment.name}
+    tags = {**tracking.source_tags(), "kind": "reproduce", "experiment_config": experiment.name}
     frames, galleries = [], {}
     started = time.perf_counter()
     with tracking.stage_run(f"reproduce-{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags,
@@ -147,7 +152,8 @@ def run_reproduction(
                              "datasets": [d["name"] for d in chosen], "device": device or "auto"})
         tracking.log_artifact(experiment.source, "config")
         for ds in chosen:
-            profile = load_profile(ds["profile"])
+            # the paper's methods only (identity and the losses): no affine or hybrid rows of the accurate path
+            profile = dataclasses.replace(load_profile(ds["profile"]), hybrids=[])
             losses = check_losses(ds.get("losses", profile.losses))
             bundle = bundle_dir(profile.bundle)
             for seed in seeds:
@@ -156,8 +162,7 @@ def run_reproduction(
                            for s in experiment.noise_levels}
                 done = resume and all((r / "results.csv").is_file() for r in reports.values()) and all(
                     (seed_dir / "models" / f"registration_{loss}.pt").is_file() for loss in losses)
-                print(f"[deepsim] reproduce {ds['name']} seed {seed}" + (" (results found, reused)" if done else ""),
-                      flush=True)
+                logger.info(f"reproduce {ds['name']} seed {seed}" + (" (results found, reused)" if done else ""))
                 if not done:
                     run_pipeline(profile, seed_dir, losses=losses, device=device, seed=seed, progress=progress,
                                  nested=True)
@@ -165,7 +170,7 @@ def run_reproduction(
                     for sigma in experiment.noise_levels:
                         if sigma == 0:
                             continue
-                        print(f"[deepsim] evaluation with noise σ={sigma:g}", flush=True)
+                        logger.info(f"evaluation with noise σ={sigma:g}")
                         tracked_stage(f"evaluation-noise{sigma:g}", "evaluate",
                                       {**common, "methods": ["identity", *losses], "noise_std": sigma,
                                        "figures": False, "report_dir": str(reports[sigma])},
@@ -183,6 +188,6 @@ def run_reproduction(
         tracking.log_metrics({f"test/{k}": v for k, v in summary_numbers(results).items()})
         tracking.log_metrics({"reproduce/wall_time_s": time.perf_counter() - started})
         tracking.log_artifact(report_dir, "report")
-        print(f"[deepsim] reproduction report: {path}\n[deepsim] parent MLflow run: {parent.info.run_id} ({uri})",
-              flush=True)
+        logger.info(f"reproduction report: {path}")
+        logger.info(f"parent MLflow run: {parent.info.run_id} ({uri})")
     return path, results

@@ -16,6 +16,7 @@ Everything is logged to MLflow (one parent run, one nested run per (loss, λ) wi
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -27,6 +28,8 @@ import pandas as pd
 from deepsim.errors import ConfigError
 from deepsim.io import atomic_write
 from deepsim.tracking import mlflow_tracking as tracking
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_GRID", "run_sweep", "choose_lambdas", "relative_grid", "update_profile", "format_sweep"]
 
@@ -94,7 +97,7 @@ def run_sweep(
                                   f"{profile.experiment}-lambda-sweep")
     bundle = bundle_dir(profile.bundle)
     common = stage_common(profile, output_dir, seed, progress, device)
-    tags = {"git_commit": tracking.git_commit(), "dataset": str(profile.common.get("dataset")), "seed": str(seed),
+    tags = {**tracking.source_tags(), "dataset": str(profile.common.get("dataset")), "seed": str(seed),
             "profile": profile.name, "bundle": profile.bundle, "kind": "lambda-sweep"}
     rows = []
     with tracking.stage_run(f"sweep-{profile.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags, nested=False) as parent:
@@ -105,7 +108,7 @@ def run_sweep(
             for lam in grids[loss]:
                 lam_dir = sweep_dir / loss / f"lam_{_lam_tag(lam)}"
                 _link_feature_nets(output_dir / "models", lam_dir / "models")
-                print(f"[deepsim] sweep {loss} λ={lam:g}", flush=True)
+                logger.info(f"sweep {loss} λ={lam:g}")
                 lam_common = {**common, "models_dir": str(lam_dir / "models"), "report_dir": str(lam_dir / "val")}
                 overrides = {**registration_overrides(profile, lam_common, loss), "regularization_weight": lam}
                 started = time.perf_counter()
@@ -138,7 +141,7 @@ def run_sweep(
         _plot_sweep(table, chosen, sweep_dir / "sweep_dice_vs_folding.png")
         tracking.log_artifact(sweep_dir, "sweep")
         tracking.log_dict(chosen, "chosen_lambdas.json")
-        print(f"[deepsim] sweep parent MLflow run: {parent.info.run_id} ({uri})", flush=True)
+        logger.info(f"sweep parent MLflow run: {parent.info.run_id} ({uri})")
     return table, chosen
 
 

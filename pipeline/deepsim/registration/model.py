@@ -12,7 +12,10 @@ test-time instance optimisation), and the folder holding the feature net a DeepS
 - a folder with one ``registration_*.pt`` in it or in its ``models/`` subfolder (a ``deepsim run`` output folder,
   a bundle folder); with several, ``similarity`` picks one;
 - an MLflow run: ``runs:/<run_id>`` or a bare 32-hex run id, whose ``checkpoint/`` artifacts are downloaded from
-  the tracking server (``tracking_uri`` or ``MLFLOW_TRACKING_URI``).
+  the tracking server (``tracking_uri`` or ``MLFLOW_TRACKING_URI``);
+- an MLflow model: ``models:/<name>/<version>``, ``models:/<name>@<alias>`` (the Model Registry; ``deepsim run``
+  registers ``deepsim-<experiment>`` with the alias ``best``) or ``models:/<model id>``. Its ``extra_files/``
+  hold our checkpoint (:mod:`deepsim.tracking.models`), read with ``weights_only=True`` like any other.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from deepsim.engine.checkpoints import load_checkpoint, load_network
+from deepsim.engine.checkpoints import describe_mismatch, load_checkpoint, load_failure, load_network
 from deepsim.errors import CheckpointError, ConfigError, first_line
 
-__all__ = ["RegistrationModel", "resolve_model", "default_model_dir"]
+__all__ = ["RegistrationModel", "resolve_model", "default_model_dir", "from_weights"]
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -113,6 +116,23 @@ def _from_mlflow(spec: str, tracking_uri: str | None, similarity: str | None) ->
     return _from_folder(Path(folder), similarity)
 
 
+def _from_mlflow_model(spec: str, tracking_uri: str | None, similarity: str | None) -> Path:
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    target = Path(tempfile.mkdtemp(prefix="deepsim-model-"))
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(target)))
+    except Exception as exc:  # MlflowException for unknown names/versions/aliases, OSError for unreachable servers
+        raise CheckpointError(f"MLflow model {spec} (tracking URI {mlflow.get_tracking_uri()}): cannot download it "
+                              f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from exc
+    if not (folder / "extra_files").is_dir():
+        raise CheckpointError(f"MLflow model {spec}: no extra_files/ with a deepsim checkpoint in it (was it logged "
+                              "by deepsim?)")
+    return _from_folder(folder / "extra_files", similarity)
+
+
 def _spacing(path: Path, meta: dict, spacing_mm: float | None) -> float:
     if spacing_mm is not None:
         return float(spacing_mm)
@@ -138,8 +158,11 @@ def resolve_model(spec: str | Path | None = None, device: torch.device | str = "
             path = _from_folder(candidate, similarity)
         elif text.startswith("runs:/") or _RUN_ID.match(text):
             path = _from_mlflow(text, tracking_uri, similarity)
+        elif text.startswith("models:/"):
+            path = _from_mlflow_model(text, tracking_uri, similarity)
         else:
-            raise CheckpointError(f"{text}: no such checkpoint, folder or MLflow run (runs:/<id> or a 32-hex run id)")
+            raise CheckpointError(f"{text}: no such checkpoint, folder, MLflow run (runs:/<id> or a 32-hex run id) "
+                                  "or MLflow model (models:/<name>/<version> or models:/<name>@<alias>)")
     payload = load_checkpoint(path)
     if payload["builder"] != "registration_net":
         raise CheckpointError(f"{path}: a {payload['builder']} checkpoint, not a registration network")
@@ -149,3 +172,26 @@ def resolve_model(spec: str | Path | None = None, device: torch.device | str = "
     return RegistrationModel(network=network, checkpoint=path, spacing_mm=_spacing(path, meta, spacing_mm),
                              similarity=meta.get("similarity"),
                              regularization_weight=None if weight is None else float(weight), meta=meta)
+
+
+def from_weights(network: torch.nn.Module, weights: str | Path, spacing_mm: float, similarity: str | None = None,
+                 regularization_weight: float | None = None,
+                 device: torch.device | str = "cpu") -> RegistrationModel:
+    """A model in MONAI's bundle form: the network a bundle's ``network_def`` builds, and a plain state dict file
+    (``models/model.pt``), read with ``weights_only=True`` and loaded with ``strict=True``. ``spacing_mm`` and the
+    loss (for instance optimisation) come from the bundle's config, as the file holds weights only."""
+    weights = Path(weights)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{weights}: weights file not found") from exc
+    except Exception as exc:  # torch raises several types for corrupt/unsafe files
+        raise CheckpointError(f"{weights}: not a readable state dict ({load_failure(exc)})") from exc
+    try:
+        network.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        detail = describe_mismatch(network, state) if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise CheckpointError(f"{weights}: weights do not match the bundle's network_def ({detail})") from exc
+    weight = None if regularization_weight is None else float(regularization_weight)
+    return RegistrationModel(network=network.to(device).eval(), checkpoint=weights, spacing_mm=float(spacing_mm),
+                             similarity=similarity, regularization_weight=weight, meta={"weights": str(weights)})

@@ -23,6 +23,11 @@ __all__ = ["RegistrationNet"]
 class RegistrationNet(nn.Module):
     """Predict ``ddf`` (B, ndim, *S) in voxels of the fixed grid from moving, fixed: (B, C, *S).
 
+    ``forward(image)`` with one tensor (B, 2C, *S), moving then fixed on the channel axis, is the same call: the
+    one-input form MONAI's bundle tools (``inputs.image`` of ``metadata.json``, ``verify_net_in_out``,
+    ``ckpt_export``) and the logged MLflow model use. ``torch.export`` handles both forms
+    (:mod:`deepsim.registration.export`).
+
     Args:
         spatial_dims: 2 or 3.
         in_channels: channels of ONE image (the network sees moving and fixed concatenated).
@@ -51,6 +56,7 @@ class RegistrationNet(nn.Module):
         if len(channels) < 2:
             raise ValueError(f"channels needs at least two levels, got {tuple(channels)}")
         self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
         self.half_res = half_res
         self.size_multiple = 2 ** (len(channels) - 1 + int(half_res))
         head_channels = channels[0]
@@ -72,15 +78,23 @@ class RegistrationNet(nn.Module):
         if self.integrate is not None:  # MONAI's own Warp rebuilds its grid on the host at every squaring step
             self.integrate.warp_layer = CachedGridWarp(mode="bilinear", padding_mode="zeros")
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        if moving.shape != fixed.shape:
-            raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same shape")
-        bad = [s for s in fixed.shape[2:] if s % self.size_multiple]
-        if bad:
-            raise ValueError(
-                f"spatial size {tuple(fixed.shape[2:])} must be divisible by {self.size_multiple} for this network"
-            )
-        pair = torch.cat([moving, fixed], dim=1)
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor | None = None) -> torch.Tensor:
+        if fixed is None:  # one input: the pair stacked on the channel axis
+            if moving.ndim != self.spatial_dims + 2 or moving.shape[1] != 2 * self.in_channels:
+                raise ValueError(f"a single input must be the pair stacked on the channel axis, (B, "
+                                 f"{2 * self.in_channels}, *S) with {self.spatial_dims} spatial axes; got "
+                                 f"{tuple(moving.shape)}")
+            pair = moving
+        else:
+            if moving.shape != fixed.shape:
+                raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same "
+                                 "shape")
+            pair = torch.cat([moving, fixed], dim=1)
+        spatial = pair.shape[2:]
+        for side in spatial:  # a loop, not a comprehension with an if: TorchScript refuses those
+            if side % self.size_multiple:
+                raise ValueError(f"spatial size {tuple(spatial)} must be divisible by {self.size_multiple} "
+                                 "for this network")
         if self.half_res:
             pair = F.avg_pool3d(pair, 2) if self.spatial_dims == 3 else F.avg_pool2d(pair, 2)
         features = self.backbone(pair)
@@ -92,7 +106,7 @@ class RegistrationNet(nn.Module):
             field = self.integrate(field.float())
         if self.half_res:
             mode = "trilinear" if self.spatial_dims == 3 else "bilinear"
-            field = F.interpolate(field, size=fixed.shape[2:], mode=mode, align_corners=False)
+            field = F.interpolate(field, size=spatial, mode=mode, align_corners=False)
         return field
 
     def register(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

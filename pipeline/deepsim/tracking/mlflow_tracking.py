@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -33,8 +34,9 @@ from deepsim.errors import ConfigError, TrackingError, first_line
 from deepsim.output_folder import store_lock
 
 __all__ = ["default_tracking_uri", "setup_tracking", "stage_run", "log_epoch_metrics", "log_params",
-           "log_artifact", "log_dict", "flatten", "git_commit", "ui_command", "failed_uploads", "raise_failed_uploads",
-           "with_retries", "RETRIES", "BACKOFF_S", "check_store", "sqlite_path", "PROBE_TIMEOUT_S"]
+           "log_artifact", "log_dict", "log_datalist", "flatten", "git_commit", "source_tags", "ui_command",
+           "failed_uploads", "raise_failed_uploads", "with_retries", "RETRIES", "BACKOFF_S", "check_store",
+           "sqlite_path", "PROBE_TIMEOUT_S"]
 
 #: attempts of one upload (artifact, dict, metric batch) before it is reported as failed
 RETRIES = 3
@@ -164,18 +166,26 @@ def _setup_tracking(tracking_uri: str, experiment: str) -> str:
 
 @contextmanager
 def stage_run(name: str, tags: Mapping[str, str] | None = None, nested: bool = True,
-              run_id: str | None = None) -> Iterator[Any]:
+              run_id: str | None = None, system_metrics: bool = False) -> Iterator[Any]:
     """Start a (nested) MLflow run named ``name``, or continue the run ``run_id`` (``deepsim run --resume``);
-    ended as FAILED if the body raises."""
+    ended as FAILED if the body raises. ``system_metrics``: MLflow samples CPU, memory, disk and network use
+    (and GPU use with ``nvidia-ml-py``) every 10 s into the run's ``system/*`` metrics (needs ``psutil``)."""
     import mlflow
 
     nested = nested and mlflow.active_run() is not None
+    sample = system_metrics and _can_sample_system()
     if run_id is not None:
-        with mlflow.start_run(run_id=run_id, nested=nested) as run:
+        with mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=sample) as run:
             yield run
         return
-    with mlflow.start_run(run_name=name, nested=nested, tags=dict(tags or {})) as run:
+    with mlflow.start_run(run_name=name, nested=nested, tags=dict(tags or {}), log_system_metrics=sample) as run:
         yield run
+
+
+def _can_sample_system() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("psutil") is not None
 
 
 def with_retries(what: str, upload: Any) -> bool:
@@ -304,6 +314,42 @@ def log_dict(content: Mapping, artifact_file: str) -> None:
         plain = json.loads(json.dumps(content, default=str))
         with_retries(f"artifact {artifact_file} (a dict, not on disk) -> run {mlflow.active_run().info.run_id}",
                       lambda: mlflow.log_dict(plain, artifact_file))
+
+
+def log_datalist(datalist: str | Path, dataset: str, splits: Mapping[str, str]) -> None:
+    """``mlflow.log_input`` of the datalist's ``splits`` (split -> context, e.g. ``{"training": "training"}``):
+    one MLflow dataset per split (its rows: image, label, subject, ...), named ``<dataset>/<split>``, with the
+    datalist file as its source, so the runs that used the same data share a dataset digest."""
+    if not _active() or not splits:
+        return
+    import mlflow
+    import pandas as pd
+
+    entries = json.loads(Path(datalist).read_text())
+    for split, context in splits.items():
+        rows = [{k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in row.items()}
+                for row in entries.get(split, [])]
+        if not rows:
+            continue
+        frame = pd.DataFrame(rows)
+        with warnings.catch_warnings():  # a local path matches two of MLflow's registered source types: it warns
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            data = mlflow.data.from_pandas(frame, source=str(Path(datalist).resolve()), name=f"{dataset}/{split}")
+        with_retries(f"dataset {dataset}/{split} ({datalist}) -> run {mlflow.active_run().info.run_id}",
+                     lambda data=data, context=context: mlflow.log_input(data, context=context))
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tags for our code: ``mlflow.source.git.commit`` (when the package sits in a git
+    checkout) and the deepsim version. MLflow's own detection looks at the entry point's folder, which is the
+    virtualenv's ``bin/`` for the ``deepsim`` command, not our source tree."""
+    from deepsim import __version__
+
+    commit = git_commit()
+    tags = {"deepsim.version": __version__}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def git_commit() -> str:
