@@ -7,9 +7,10 @@ from outside (process start, model loading, I/O included), median of ``--repeats
     python benchmarks/register_embedded.py --out /tmp/reg_bench            # table on stdout and in --table
     python benchmarks/register_embedded.py --out /tmp/reg_bench --table benchmarks/results/register_embedded_cpu.md
 
-Cases: the shipped model alone; with --affine; with --affine --iterations 10 (timed once: instance optimisation
-runs at full resolution, seconds per step on a CPU); and the moving image's contrast
-changed further by the training-time contrast randomisation (a random monotonic curve, gamma, bias field, noise).
+Cases, one stage at a time: the shipped network alone (--network-only); the affine stage and the network
+(--iterations 0); the default (affine, network, instance optimisation); the default with the moving image's
+contrast changed further by the training-time contrast randomisation (a random monotonic curve, gamma, bias field,
+noise); and the classical path without the network (--no-network).
 """
 
 from __future__ import annotations
@@ -71,43 +72,42 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per case; the median time is reported")
     parser.add_argument("--table", type=Path, default=None, help="also write the Markdown table here")
     parser.add_argument("--device", default="cpu", help="torch device for deepsim register")
-    parser.add_argument("--no-affine", action="store_true",
-                        help="skip the --affine cases (they need SimpleITK); run --iterations 50 without it instead")
     args = parser.parse_args()
     paths = write_native_pair(args.out, args.fixed_donor, args.moving_donor)
     common = ["--fixed", str(paths["fixed"]), "--fixed-label", str(paths["fixed_label"]),
               "--moving-label", str(paths["moving_label"])]
     common += ["--device", args.device]
+    moving = ["--moving", str(paths["moving"])]
     cases = [
-        ("shipped model", ["--moving", str(paths["moving"])]),
-        ("--affine", ["--moving", str(paths["moving"]), "--affine"]),
-        ("--affine --iterations 10", ["--moving", str(paths["moving"]), "--affine", "--iterations", "10"]),
-        ("--affine, moving contrast randomised", ["--moving", str(paths["moving_strong"]), "--affine"]),
+        ("--network-only", [*moving, "--network-only"]),
+        ("--iterations 0 (affine + network)", [*moving, "--iterations", "0"]),
+        ("default (affine + network + instance optimisation)", moving),
+        ("default, moving contrast randomised", ["--moving", str(paths["moving_strong"])]),
+        ("--no-network (affine + instance optimisation)", [*moving, "--no-network"]),
     ]
-    if args.no_affine:
-        cases = [cases[0], ("--iterations 50", ["--moving", str(paths["moving"]), "--iterations", "50"])]
-    rows = []
+    rows, model = [], None
     for name, extra in cases:
-        repeats = 1 if "--iterations" in extra else args.repeats
-        wall, report = run_case(common + extra, args.out / name.replace(" ", "_").replace(",", ""), repeats)
+        repeats = args.repeats
+        folder = "".join(c if c.isalnum() else "_" for c in name)
+        wall, report = run_case(common + extra, args.out / folder, repeats)
+        model = model or report["model"]
         after_affine = f"{report['dice_after_affine']:.3f}" if "dice_after_affine" in report else "—"
         rows.append(f"| {name} | {report['dice_before']:.3f} | {after_affine} | "
                     f"{report['dice_after']:.3f} | {report['folding_pct']:.3f} | {report['std_log_jacobian']:.3f} | "
-                    f"{wall:.1f}{'' if repeats > 1 else ' (1 run)'} |")
+                    f"{wall:.1f} |")
         print(rows[-1], flush=True)
     fixed_shape = nib.load(paths["fixed"]).shape
     moving_shape = nib.load(paths["moving"]).shape
     lines = [
         f"# `deepsim register` on two embedded brains in native space ({args.device})",
         "",
-        f"Command: `python benchmarks/register_embedded.py --out OUT --repeats {args.repeats} --device {args.device}"
-        f"{' --no-affine' if args.no_affine else ''}` "
+        f"Command: `python benchmarks/register_embedded.py --out OUT --repeats {args.repeats} --device {args.device}` "
         f"(fixed donor {args.fixed_donor} {fixed_shape}, moving donor {args.moving_donor} {moving_shape}, 1 mm, LIP; "
         "synthetic T1-like contrast, synthesis seeds 101 / 202). Model: the shipped default "
-        f"(`{report['model'].split('bundles/')[-1]}`). Machine: {platform.processor() or platform.machine()}, "
+        f"(`{model.split('bundles/')[-1]}`). Machine: {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}. Dice: mean over the DK labels present in "
         "the fixed map; folding and std log|J| inside the fixed brain; wall time: the whole CLI process (start-up, "
-        f"model, I/O), median of {args.repeats} runs (cases with --iterations: one run). Device: {args.device}"
+        f"model, I/O), median of {args.repeats} runs. Device: {args.device}"
         f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}.",
         "",
         "| case | Dice before | Dice after affine | Dice after | folding % | std log\\|J\\| | wall time (s) |",

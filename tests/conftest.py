@@ -17,7 +17,7 @@ def deepsim_process(*args: str, umask: int | None = None, env: dict | None = Non
 
 @pytest.fixture(scope="session")
 def two_runs_started_together(tmp_path_factory) -> dict:
-    """Two ``deepsim run --profile quick --losses mse --seed 0`` into one folder, started at the same moment with
+    """Two ``deepsim run --profile quick --losses mse --seed 0 -q`` into one folder, started at the same moment with
     umask 027 (as a hostile user, or a careless job scheduler, would). Returns the folder and, per process, its
     exit status and stderr: ``{"out": Path, "runs": [(returncode, stderr), ...]}``.
 
@@ -26,7 +26,7 @@ def two_runs_started_together(tmp_path_factory) -> dict:
     seed gives the same table)."""
     out = tmp_path_factory.mktemp("together") / "out"
     procs = [deepsim_process("run", "--profile", "quick", "--losses", "mse", "--seed", "0", "--out", str(out),
-                             "--no-progress", umask=0o027) for _ in range(2)]
+                             "--no-progress", "-q", umask=0o027) for _ in range(2)]
     runs = []
     for proc in procs:
         _, err = proc.communicate(timeout=600)

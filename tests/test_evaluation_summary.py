@@ -104,3 +104,17 @@ def test_paired_wilcoxon_is_nan_for_fewer_than_two_pairs_or_no_differences():
     assert math.isnan(paired_wilcoxon(ties, "a", "b"))
     with pytest.raises(ValueError, match="'c' has no rows"):
         paired_wilcoxon(ties, "c", "a")
+
+
+def test_stage_comparisons_pair_each_hybrid_with_the_affine_and_its_network():
+    import pandas as pd
+
+    from deepsim.evaluation.summary import stage_comparisons
+
+    rows = [{"method": m, "pair_id": i, "dice_mean": d + 0.01 * i}
+            for m, d in (("affine", 0.35), ("ncc", 0.30), ("ncc+io", 0.50), ("identity", 0.2)) for i in range(6)]
+    rows[-7]["dice_mean"] = 0.0  # ncc+io's last pair: worse than both baselines there
+    lines = stage_comparisons(pd.DataFrame(rows))
+    assert len(lines) == 2 and lines[0].startswith("ncc+io vs affine: Dice +0.")
+    assert "better on 5 of 6 pairs" in lines[0] and "ncc+io vs ncc" in lines[1] and "Wilcoxon p = " in lines[1]
+    assert stage_comparisons(pd.DataFrame([r for r in rows if r["method"] != "ncc+io"])) == []

@@ -125,7 +125,9 @@ def test_quick_run_prints_only_results_on_stdout_and_no_bars_into_a_redirected_l
     _, proc = quick_run
     lines = proc.stdout.splitlines()
     assert not [line for line in lines if " - INFO - " in line or "WARNING" in line or "[deepsim]" in line]
-    assert any(line.startswith("| deepsim-seg |") for line in lines) and len(lines) <= 16
+    # the table (2 + 7 rows), two stage comparisons, the report and MLflow lines: nothing else
+    assert any(line.startswith("| deepsim-seg |") for line in lines) and len(lines) <= 20
+    assert any(line.startswith("mse+io vs affine: Dice") for line in lines)
     assert "\r" not in proc.stderr and "%|" not in proc.stderr
     assert "registered model: models:/deepsim-quick/1 (models:/deepsim-quick@best)" in proc.stderr
 

@@ -210,7 +210,7 @@ def test_two_runs_started_together_never_write_at_once_and_leave_a_working_store
     assert codes in ([0, 0], [0, 1]), runs
     for code, err in runs:
         if code == 0:
-            assert err == "", err  # a successful run prints nothing on stderr (no stray log lines)
+            assert err == "", err  # a successful -q run prints nothing on stderr (no stray log lines)
         else:
             assert err.count("\n") == 1 and "OutputError" in err and "is writing there now" in err, err
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")

@@ -417,6 +417,15 @@ def _run_distributed(args: argparse.Namespace, profile) -> int:
     return _uploads_done()
 
 
+def _stage_comparisons(results_csv: Path) -> list[str]:
+    """The paired comparisons of the hybrids against the affine and network rows (none without results)."""
+    import pandas as pd
+
+    from deepsim.evaluation.summary import stage_comparisons
+
+    return stage_comparisons(pd.read_csv(results_csv)) if results_csv.is_file() else []
+
+
 def _print_run_summary(summary, uri: str, out: Path) -> None:
     from deepsim.evaluation.summary import format_table
     from deepsim.tracking.mlflow_tracking import ui_command
@@ -424,6 +433,8 @@ def _print_run_summary(summary, uri: str, out: Path) -> None:
     print()
     print(f"Test pairs: {int(summary['n_pairs'].iloc[0])} (held-out subjects only)")
     print(format_table(summary))
+    for line in _stage_comparisons(Path(out) / "report" / "results.csv"):
+        print(line)
     print()
     print(f"Report (CSV, Markdown, figures): {Path(out).resolve() / 'report'}")
     print(f"Open the runs in MLflow:  {ui_command(uri)}")

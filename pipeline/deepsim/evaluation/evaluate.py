@@ -26,7 +26,7 @@ from deepsim.engine.checkpoints import (
 )
 from deepsim.evaluation import figures
 from deepsim.evaluation.jacobian import jacobian_determinant
-from deepsim.evaluation.summary import format_table, pair_metrics, summarise
+from deepsim.evaluation.summary import format_table, pair_metrics, stage_comparisons, summarise
 from deepsim.io import atomic_write
 from deepsim.registration.pipeline import method_registrar, parse_method
 from deepsim.spatial import warp_image, warp_labels
@@ -142,6 +142,9 @@ def evaluate_methods(
     atomic_write(report_dir / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     atomic_write(report_dir / "dice_per_label.csv", lambda tmp: pd.DataFrame(label_rows).to_csv(tmp, index=False))
     table = format_table(summary)
+    comparisons = stage_comparisons(results)
+    if comparisons:  # each stage's share, paired over the test pairs
+        table += "\n" + "\n".join(f"- {line}" for line in comparisons) + "\n"
     atomic_write(report_dir / "summary.md", lambda tmp: Path(tmp).write_text(table + "\n"))
     if not figures_enabled:
         return summary

@@ -123,6 +123,25 @@ def format_number(value: float, digits: int = 3) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def stage_comparisons(results: pd.DataFrame) -> list[str]:
+    """One line per hybrid ``<loss>+io`` in ``results``: its Dice against the ``affine`` row and against the network
+    ``<loss>`` alone, over their common pairs (mean difference, pairs improved, two-sided Wilcoxon p)."""
+    methods = list(dict.fromkeys(results["method"]))
+    lines = []
+    for method in (m for m in methods if m.endswith("+io")):
+        for baseline in ("affine", method[: -len("+io")]):
+            if baseline not in methods or baseline == method:
+                continue
+            a = results.loc[results["method"] == method].set_index("pair_id")["dice_mean"]
+            b = results.loc[results["method"] == baseline].set_index("pair_id")["dice_mean"]
+            a, b = a.align(b, join="inner")
+            p = paired_wilcoxon(results, method, baseline)
+            gain, better = float((a - b).mean()), int((a > b).sum())
+            lines.append(f"{method} vs {baseline}: Dice {gain:+.3f}, better on {better} of {len(a)} pairs, "
+                         f"Wilcoxon p = {p:.2g}")
+    return lines
+
+
 def format_table(summary: pd.DataFrame) -> str:
     """Markdown table of a :func:`summarise` result.
 
