@@ -214,3 +214,25 @@ def test_bundle_inference_takes_a_registered_model(tmp_path, monkeypatch):
               bundle=bundle_dir("cells_2d"))
     report = json.loads((tmp_path / "out" / "inference" / "registration.json").read_text())
     assert report["model"].endswith("extra_files/registration_mse.pt") and report["model_spacing_mm"] == 1.5
+
+
+def test_a_datalist_with_integer_columns_is_logged_as_inputs_without_warnings(tmp_path, recwarn):
+    """The default profile's datalist holds integer seeds; MLflow's schema hint about them reached every user's
+    stderr once per stage."""
+    import mlflow
+
+    from deepsim.tracking import mlflow_tracking as tracking
+
+    datalist = tmp_path / "datalist.json"
+    row = {"image": "a.nii.gz", "label": "a_seg.nii.gz", "subject": "a", "synthesis_seed": 7, "augmentation_seed": None}
+    datalist.write_text(json.dumps({"training": [row, {**row, "synthesis_seed": 8}]}))
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run() as run:
+            tracking.log_datalist(datalist, "brains", {"training": "training"})
+        inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert [d.dataset.name for d in inputs] == ["brains/training"]
+    assert not [w for w in recwarn if "Hint" in str(w.message)]

@@ -334,9 +334,11 @@ def log_datalist(datalist: str | Path, dataset: str, splits: Mapping[str, str]) 
         frame = pd.DataFrame(rows)
         with warnings.catch_warnings():  # a local path matches two of MLflow's registered source types: it warns
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            # integer columns (e.g. a synthesis seed) get a hint about missing values when logged: a datalist has none
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
             data = mlflow.data.from_pandas(frame, source=str(Path(datalist).resolve()), name=f"{dataset}/{split}")
-        with_retries(f"dataset {dataset}/{split} ({datalist}) -> run {mlflow.active_run().info.run_id}",
-                     lambda data=data, context=context: mlflow.log_input(data, context=context))
+            with_retries(f"dataset {dataset}/{split} ({datalist}) -> run {mlflow.active_run().info.run_id}",
+                         lambda data=data, context=context: mlflow.log_input(data, context=context))
 
 
 def source_tags() -> dict[str, str]:
