@@ -41,3 +41,18 @@ def test_a_known_shift_is_recovered_in_voxels_along_our_axes(registrar, module, 
     recovered = np.median(ddf[inner].reshape(3, -1), axis=1)
     assert np.allclose(recovered, shift, atol=0.3), recovered
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_fireants_prints_nothing_on_our_stdout(tmp_path):
+    """Importing fireants prints three 'FFO' lines; a comparison's stdout is for its table alone."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("fireants")
+    code = ("import numpy as np; from deepsim.registration.classical import FireANTs; "
+            "f = np.zeros((24, 24, 24), np.float32); f[8:16, 8:16, 8:16] = 1; "
+            "FireANTs(affine_iterations=(5, 5, 5, 5), iterations=(5, 5, 5), device='cpu')(f, f, 2.0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == ""

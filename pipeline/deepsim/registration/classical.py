@@ -13,6 +13,8 @@ Every parameter is stated here (and logged by ``deepsim compare``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -176,9 +178,10 @@ class FireANTs:
         import torch
 
         logging.getLogger("fireants").setLevel(logging.WARNING)  # an INFO line per level and stage otherwise
-        from fireants.io.image import BatchedImages, Image
-        from fireants.registration.affine import AffineRegistration
-        from fireants.registration.greedy import GreedyRegistration
+        with contextlib.redirect_stdout(io.StringIO()):  # its import prints three "FFO" lines onto our stdout
+            from fireants.io.image import BatchedImages, Image
+            from fireants.registration.affine import AffineRegistration
+            from fireants.registration.greedy import GreedyRegistration
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         ndim = fixed.ndim
