@@ -32,6 +32,10 @@ SETTINGS = {
     "levels 4, 2 (no full resolution)": {"scales": (4, 2), "iterations": (50, 30)},
     "svf (scaling and squaring), lr 0.1": {"transform": "svf", "learning_rate": 0.1},
     "NCC window 9": {"window": 9},
+    "steps 50, 30, 20": {"iterations": (50, 30, 20)},
+    "steps 50, 30, 10": {"iterations": (50, 30, 10)},
+    "steps 100, 60, 10": {"iterations": (100, 60, 10)},
+    "steps 100, 60, 20": {"iterations": (100, 60, 20)},
 }
 
 

@@ -51,7 +51,7 @@ def test_fireants_prints_nothing_on_our_stdout(tmp_path):
 
     pytest.importorskip("fireants")
     code = ("import numpy as np; from deepsim.registration.classical import FireANTs; "
-            "f = np.zeros((24, 24, 24), np.float32); f[8:16, 8:16, 8:16] = 1; "
+            "f = np.zeros((40, 44, 36), np.float32); f[10:30, 12:32, 8:28] = 1; "
             "FireANTs(affine_iterations=(5, 5, 5, 5), iterations=(5, 5, 5), device='cpu')(f, f, 2.0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

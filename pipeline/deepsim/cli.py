@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--network-only", action="store_true",
                         help="the network's prediction alone: no affine stage, no instance optimisation (fastest; "
                         "needs images roughly aligned like the model's training pairs)")
-    stages.add_argument("--iterations", type=_COUNT, nargs="+", default=[50, 30, 20], metavar="N",
+    stages.add_argument("--iterations", type=_COUNT, nargs="+", default=[50, 30, 15], metavar="N",
                         help="instance optimisation steps per pyramid level (shrink 4, 2, 1), or one number for "
                         "all levels; each level also stops on a loss plateau; 0: no instance optimisation")
     stages.add_argument("--loss", default=None,

@@ -169,7 +169,7 @@ def register_files(
     fixed_label: str | Path | None = None,
     moving_label: str | Path | None = None,
     affine: bool = True,
-    iterations: int | Sequence[int] = (50, 30, 20),
+    iterations: int | Sequence[int] = (50, 30, 15),
     learning_rate: float = 0.5,
     device: torch.device | str = "cpu",
     similarity: str | None = None,
