@@ -585,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sync-runs":
             return _sync_runs(args)
         if args.command == "compare":
-            return _compare(args, list(sys.argv if argv is None else ["deepsim", *argv]))
+            # the report names the command as a user types it (no path of this machine's virtualenv)
+            return _compare(args, ["deepsim", *(sys.argv[1:] if argv is None else argv)])
         if args.command == "register":
             return _register(args)
         if args.command == "warp":
