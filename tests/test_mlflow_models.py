@@ -229,7 +229,9 @@ def test_a_datalist_with_integer_columns_is_logged_as_inputs_without_warnings(tm
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
-        with mlflow.start_run() as run:
+        # its own experiment: an earlier test may have left another store's experiment active in this process
+        experiment = mlflow.MlflowClient().create_experiment("datalist")
+        with mlflow.start_run(experiment_id=experiment) as run:
             tracking.log_datalist(datalist, "brains", {"training": "training"})
         inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
     finally:
