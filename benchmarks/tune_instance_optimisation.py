@@ -66,7 +66,7 @@ def main() -> None:
     for i in range(0, len(pairs), args.every):
         pair = pairs[i]
         f, m = (torch.as_tensor(np.asarray(pair[k][0], dtype=np.float32)) for k in ("fixed", "moving"))
-        registration = first_stages(f, grid_affine, m, grid_affine)
+        registration = first_stages.on_grid(f, m, spacing)
         m_aff = resample_onto(m, grid_affine, Grid(tuple(f.shape), grid_affine), transform=registration.matrix)
         prepared.append((pair, f[None, None], m_aff[None, None], registration.ddf, registration))
     rows = []

@@ -130,3 +130,16 @@ def test_the_pipeline_composes_the_affine_and_the_deformation_in_world_space():
     np.testing.assert_allclose((target - x).mean(dim=(1, 2, 3)).numpy(), [4.0, 0.0, 0.0], atol=0.2)
     assert registration.timings.keys() >= {"affine_s", "resample_s", "network_s", "instance_optimisation_s"}
     assert Registrar().stages == [] and Registrar(affine=AffineRegistration()).stages == ["affine"]
+
+
+def test_plateau_stops_after_patience_steps_without_improvement_absolute_or_relative():
+    from deepsim.registration.plateau import Plateau
+
+    absolute = Plateau(tolerance=0.1, patience=2)
+    # 1.0 improves on inf; 0.95 is not 0.1 below 1.0, nor is 0.92: two steps without improvement
+    assert [absolute(v) for v in (1.0, 0.95, 0.92)] == [False, False, True]
+    relative = Plateau(tolerance=0.1, patience=2, relative=True)
+    # margins 10 % of the best: 0.5 -> 0.44 improves (below 0.45), 0.41 and 0.40 do not (need < 0.396)
+    assert [relative(v) for v in (0.5, 0.44, 0.41, 0.40)] == [False, False, False, True]
+    small = Plateau(tolerance=0.1, patience=1, relative=True)
+    assert [small(v) for v in (1e-4, 8e-5)] == [False, False]  # relative: a small loss can still improve

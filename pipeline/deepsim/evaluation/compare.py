@@ -146,8 +146,7 @@ def _registrar(method: str, models_dir: Path, device: torch.device, spacing_mm: 
 
     def run(f: np.ndarray, m: np.ndarray) -> torch.Tensor:
         as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
-        grid_affine = np.diag([spacing_mm] * f.ndim + [1.0] * (4 - f.ndim))  # both images on one isotropic grid
-        return registrar(as_t(f), grid_affine, as_t(m), grid_affine).voxel_ddf()[0]
+        return registrar.on_grid(as_t(f), as_t(m), spacing_mm).voxel_ddf()[0]
 
     return run, params
 

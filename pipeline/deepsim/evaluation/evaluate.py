@@ -14,7 +14,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -55,10 +54,8 @@ def register_pair_with(registrar, pair: dict, device: torch.device | str, spacin
     optimisation stages); ``seconds`` is the whole registration. Both images lie on one grid of ``spacing_mm``."""
     fixed = torch.as_tensor(pair["fixed"])[None].float().to(device)
     moving = torch.as_tensor(pair["moving"])[None].float().to(device)
-    ndim = fixed.ndim - 2
-    grid_affine = np.diag([float(spacing_mm)] * ndim + [1.0] * (4 - ndim))
     start = time.perf_counter()
-    ddf = registrar(fixed[0, 0], grid_affine, moving[0, 0], grid_affine).voxel_ddf()
+    ddf = registrar.on_grid(fixed[0, 0], moving[0, 0], spacing_mm).voxel_ddf()
     seconds = time.perf_counter() - start
     warped_label = warp_labels(torch.as_tensor(pair["moving_label"])[None].to(device), ddf)
     return {"fixed": fixed, "moving": moving, "ddf": ddf, "warped_label": warped_label, "seconds": seconds}

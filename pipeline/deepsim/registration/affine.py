@@ -23,7 +23,6 @@ Metrics (``metric``): ``"ncc"``, global normalised cross-correlation over the ov
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from torch.nn import functional as F
 from deepsim.registration.filters import downsample, level_affine
 from deepsim.registration.geometry import homogeneous
 from deepsim.registration.mutual_information import parzen_joint_distribution
+from deepsim.registration.plateau import Plateau
 
 __all__ = ["AffineRegistration", "AffineResult", "centre_of_mass", "pyramid_shape", "METRICS"]
 
@@ -204,7 +204,7 @@ class AffineRegistration:
                                             self.mi_bins)
 
             optimiser = torch.optim.Adam([linear, shift], lr=self.learning_rate * float(shrink))
-            best, since, taken = math.inf, 0, 0
+            plateau, taken = Plateau(self.tolerance, self.patience), 0
             for _ in range(int(iters)):
                 optimiser.zero_grad(set_to_none=True)
                 with torch.enable_grad():  # also when called under no_grad (evaluation)
@@ -212,13 +212,8 @@ class AffineRegistration:
                     loss.backward()
                 optimiser.step()
                 taken += 1
-                value = float(loss.detach())
-                if value < best - self.tolerance:
-                    best, since = value, 0
-                else:
-                    since += 1
-                    if since >= self.patience:
-                        break
+                if plateau(float(loss.detach())):
+                    break
             with torch.no_grad():
                 losses.append(float(loss_at()))
             steps.append(taken)

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from deepsim.registration.filters import downsample, gaussian_smooth, level_shape
+from deepsim.registration.plateau import Plateau
 
 __all__ = ["InstanceOptimisation", "InstanceResult", "instance_similarity", "integrate_velocity", "ddf_to_normalised",
            "normalised_to_ddf", "TEST_TIME_SETTINGS"]
@@ -126,21 +127,6 @@ class InstanceResult:
     losses: list[float]
     steps: list[int]
     seconds: float
-
-
-class _Plateau:
-    """True once the loss has not fallen below its best by ``tolerance`` × |best| for ``patience`` consecutive steps
-    (relative: local NCC losses are ~0.5, mean squared errors of aligned images ~1e-4)."""
-
-    def __init__(self, tolerance: float, patience: int):
-        self.tolerance, self.patience, self.best, self.since = tolerance, patience, math.inf, 0
-
-    def __call__(self, value: float) -> bool:
-        if value < self.best - self.tolerance * (abs(self.best) if math.isfinite(self.best) else 0.0):
-            self.best, self.since = value, 0
-        else:
-            self.since += 1
-        return self.since >= self.patience
 
 
 @dataclass
@@ -242,7 +228,7 @@ class InstanceOptimisation:
         to_voxels = normalised_to_ddf(torch.ones(1, ndim, *field_shape, device=f_level.device))
         param = (_resize_field(velocity, field_shape) * to_voxels).requires_grad_(True)
         optimiser = torch.optim.Adam([param], lr=self.learning_rate)
-        plateau, taken, value = _Plateau(self.tolerance, self.patience), 0, math.nan
+        plateau, taken, value = Plateau(self.tolerance, self.patience, relative=True), 0, math.nan
         for _ in bar:
             optimiser.zero_grad(set_to_none=True)
             u = self.displacement(param / to_voxels, f_level.shape[2:])
@@ -270,7 +256,7 @@ class InstanceOptimisation:
         to_norm = ddf_to_normalised(torch.ones(1, ndim, *shape, device=f_level.device))
         first, second = torch.zeros_like(u), torch.zeros_like(u)
         beta1, beta2 = 0.9, 0.99
-        plateau, taken, value = _Plateau(self.tolerance, self.patience), 0, math.nan
+        plateau, taken, value = Plateau(self.tolerance, self.patience, relative=True), 0, math.nan
         for step in bar:
             u = u.detach().requires_grad_(True)
             loss = self.similarity(sample(m_level, u, "zeros"), f_level)

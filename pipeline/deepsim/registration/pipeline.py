@@ -114,6 +114,13 @@ class Registrar:
             spacing = np.linalg.norm(homogeneous(fixed_grid.affine, fixed_grid.ndim)[:-1, :-1], axis=0)
         return working_grid(fixed_grid, spacing, self.size_multiple)
 
+    def on_grid(self, fixed: torch.Tensor, moving: torch.Tensor, spacing_mm: float) -> Registration:
+        """Register ``fixed`` and ``moving`` (*S each) that lie on one grid of isotropic ``spacing_mm`` voxels (the
+        preprocessed pairs of a ``deepsim run``)."""
+        ndim = fixed.ndim
+        grid_affine = np.diag([float(spacing_mm)] * ndim + [1.0] * (4 - ndim))
+        return self(fixed, grid_affine, moving, grid_affine)
+
     def __call__(self, fixed: torch.Tensor, fixed_affine: np.ndarray, moving: torch.Tensor,
                  moving_affine: np.ndarray, progress: bool = False) -> Registration:
         """fixed (*S), moving (*S') intensity images (scaled to about [0, 1]) on one device, each with its
