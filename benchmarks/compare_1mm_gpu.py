@@ -39,7 +39,7 @@ def prepare(out: Path, seed: int = 0) -> None:
     import nibabel as nib
 
     from deepsim.data.datasets import prepare_embedded_brains
-    from deepsim.workflow import bundle_dir
+    from deepsim.resources import bundle_dir
 
     source = out.parent / f".{out.name}-source"
     datalist = prepare_embedded_brains(source, spacing_mm=1.0, augment_copies=0, seed=seed, progress=True)

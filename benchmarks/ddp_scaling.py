@@ -42,7 +42,7 @@ from deepsim.engine.tasks import RegistrationTask
 from deepsim.engine.trainer import build_trainer, seed_everything, speed_up
 from deepsim.features.networks import build_feature_net
 from deepsim.registration.objective import RegistrationObjective
-from deepsim.registration.similarity import FEATURE_NET_OF, build_similarity
+from deepsim.losses import FEATURE_NET_OF, build_similarity
 from deepsim.workflow import bundle_dir, load_profile
 
 # Desikan-Killiany: 83 labelled regions + background in the embedded brains (only the seg head's size depends on it)

@@ -28,7 +28,7 @@ import speed  # noqa: E402
 from deepsim.engine.tasks import RegistrationTask  # noqa: E402
 from deepsim.engine.trainer import autocast  # noqa: E402
 from deepsim.registration.objective import RegistrationObjective  # noqa: E402
-from deepsim.registration.similarity import LocalNCCLoss  # noqa: E402
+from deepsim.losses import LocalNCCLoss  # noqa: E402
 
 
 def bare_loop(size, device, steps: int, warmup: int, read_loss: bool) -> float:

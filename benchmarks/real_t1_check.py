@@ -105,7 +105,7 @@ def main() -> None:
     install()  # FireANTs reads arrays through it where SimpleITK is missing (the GPU machine)
     from deepsim.evaluation.jacobian import folding_percent, jacobian_determinant, std_log_jacobian
     from deepsim.io import load_displacement, save_volume
-    from deepsim.registration.classical import CLASSICAL_METHODS
+    from deepsim.peers import CLASSICAL_METHODS
     from deepsim.registration.inference import register_files
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))

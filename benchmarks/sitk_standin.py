@@ -4,7 +4,7 @@ FireANTs (PyPI ``fireants``) registers with PyTorch alone; SimpleITK is only its
 image.Image`` reads the voxel array, spacing, origin, direction and size of a ``SimpleITK.Image``. On our lent GPU
 machine a call carries at most 64 MiB, and the SimpleITK wheel (52 MB) does not fit beside the 1 mm test pairs,
 so ``benchmarks/compare_1mm_gpu.py`` hands FireANTs its arrays through this module instead: an image object with
-those getters (and the setters ``deepsim.registration.classical.FireANTs`` uses), installed as ``SimpleITK`` only
+those getters (and the setters ``deepsim.peers.FireANTs`` uses), installed as ``SimpleITK`` only
 when the real one is missing. FireANTs' registration code runs unchanged. ``python benchmarks/sitk_standin.py``
 checks, where SimpleITK is installed, that FireANTs gives the same field through both.
 """
@@ -88,7 +88,7 @@ if __name__ == "__main__":  # the check: FireANTs through real SimpleITK and thr
     grid = np.meshgrid(*[np.linspace(-1, 1, 32)] * 3, indexing="ij")
     fixed = np.exp(-((grid[0] - 0.1) ** 2 + grid[1] ** 2 + (grid[2] + 0.1) ** 2) * 4).astype(np.float32)
     moving = np.exp(-((grid[0] + 0.05) ** 2 + (grid[1] - 0.1) ** 2 + grid[2] ** 2) * 5).astype(np.float32)
-    from deepsim.registration.classical import FireANTs
+    from deepsim.peers import FireANTs
 
     tool = FireANTs(affine_iterations=(20, 10, 5, 5), iterations=(20, 10, 5), device="cpu")
     torch.manual_seed(0)

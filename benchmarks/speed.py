@@ -43,7 +43,7 @@ from deepsim.engine.trainer import autocast, build_trainer, speed_up
 from deepsim.features.networks import build_feature_net
 from deepsim.registration.network import RegistrationNet
 from deepsim.registration.objective import RegistrationObjective
-from deepsim.registration.similarity import LocalNCCLoss, build_similarity
+from deepsim.losses import LocalNCCLoss, build_similarity
 from deepsim.spatial import warp_image
 
 

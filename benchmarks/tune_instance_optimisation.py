@@ -51,10 +51,10 @@ def main() -> None:
     from deepsim.data.pairs import PairDataset
     from deepsim.evaluation.jacobian import jacobian_determinant, std_log_jacobian
     from deepsim.evaluation.summary import pair_metrics
-    from deepsim.registration.geometry import Grid, resample_onto
+    from deepsim.geometry import Grid, resample_onto
     from deepsim.registration.instance import InstanceOptimisation, instance_similarity
     from deepsim.registration.pipeline import Registration, method_registrar
-    from deepsim.registration.similarity import LocalNCCLoss
+    from deepsim.losses import LocalNCCLoss
     from deepsim.spatial import warp_labels
 
     datalist = args.run_dir / "data" / "datalist.json"

@@ -6,8 +6,8 @@ import torch
 from scipy import ndimage
 
 from deepsim.registration.affine import AffineRegistration, centre_of_mass, pyramid_shape
-from deepsim.registration.filters import downsample, gaussian_smooth, level_affine
-from deepsim.registration.geometry import Grid, apply_affine, grid_points, sample_at
+from deepsim.filters import downsample, gaussian_smooth, level_affine
+from deepsim.geometry import Grid, apply_affine, grid_points, sample_at
 
 
 def _blobs(shape, spacing=2.0, seed=0):

@@ -11,7 +11,7 @@ from monai.bundle import ckpt_export, load, verify_metadata, verify_net_in_out
 from packaging.version import Version
 
 from deepsim.registration.export import export_registration, load_exported, save_registration
-from deepsim.workflow import bundle_dir
+from deepsim.resources import bundle_dir
 
 SCHEMA = Path(__file__).parent / "data" / "bundle_metadata_schema.json"
 BUNDLES = ["brain_mri", "cells_2d"]

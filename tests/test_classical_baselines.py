@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from deepsim.registration.classical import AntsSyN, ElastixBSpline, FireANTs
+from deepsim.peers import AntsSyN, ElastixBSpline, FireANTs
 
 
 def _blobs(shape=(40, 44, 36), seed=0) -> np.ndarray:
@@ -50,7 +50,7 @@ def test_fireants_prints_nothing_on_our_stdout(tmp_path):
     import sys
 
     pytest.importorskip("fireants")
-    code = ("import numpy as np; from deepsim.registration.classical import FireANTs; "
+    code = ("import numpy as np; from deepsim.peers import FireANTs; "
             "f = np.zeros((40, 44, 36), np.float32); f[10:30, 12:32, 8:28] = 1; "
             "FireANTs(affine_iterations=(5, 5, 5, 5), iterations=(5, 5, 5), device='cpu')(f, f, 2.0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)

@@ -29,7 +29,7 @@ def test_python_dash_m_deepsim_prints_the_version():
 
 
 def test_help_lists_every_similarity_loss(monkeypatch):
-    from deepsim.registration.similarity import SIMILARITY_NAMES
+    from deepsim.losses import SIMILARITY_NAMES
 
     monkeypatch.setenv("COLUMNS", "400")  # argparse wraps long lines at hyphens ("deepsim-" / "ae")
     assert set(LOSSES) == set(SIMILARITY_NAMES)

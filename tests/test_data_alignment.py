@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from deepsim.data.alignment import estimate_affine, reference_grid, resample_to_grid
+from deepsim.data.alignment import reference_grid, resample_to_grid
+from deepsim.registration.affine import estimate_affine
 from sitk_reference import estimate_affine_sitk, from_sitk, matrix_of, resample_sitk, to_sitk
 
 

@@ -286,7 +286,7 @@ def test_cells_bundle_uses_the_brain_bundles_components_and_stage_files():
         cells_cfg, brain_cfg = (json.loads((b / "configs" / name).read_text()) for b in (BUNDLE, brain))
         assert targets(cells_cfg) == targets(brain_cfg), name
     lambdas = json.loads((BUNDLE / "configs" / "train_registration.json").read_text())["lambdas"]
-    from deepsim.registration.similarity import SIMILARITY_NAMES
+    from deepsim.losses import SIMILARITY_NAMES
 
     assert set(SIMILARITY_NAMES) <= set(lambdas)
 

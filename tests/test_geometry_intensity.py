@@ -6,7 +6,7 @@ import torch
 from scipy import ndimage as ndi
 
 from deepsim.data.intensity import ContrastRandomization, contrast_randomization
-from deepsim.registration.geometry import Grid, apply_affine, grid_points, sample_at, working_grid
+from deepsim.geometry import Grid, apply_affine, grid_points, sample_at, working_grid
 
 
 def _oblique(theta: float, spacing=(1.5, 1.0, 2.0), origin=(-20.0, 10.0, 5.0)) -> np.ndarray:

@@ -11,7 +11,7 @@ from deepsim.registration.affine import AffineRegistration
 from deepsim.registration.instance import (InstanceOptimisation, ddf_to_normalised, instance_similarity,
                                            integrate_velocity, normalised_to_ddf)
 from deepsim.registration.pipeline import Registrar
-from deepsim.registration.similarity import LocalNCCLoss
+from deepsim.losses import LocalNCCLoss
 from deepsim.spatial import warp_image
 
 
@@ -123,7 +123,7 @@ def test_the_pipeline_composes_the_affine_and_the_deformation_in_world_space():
     ddf = registration.voxel_ddf()
     assert ddf.shape == (1, 3, 40, 40, 40)
     np.testing.assert_allclose(ddf[0, :, 10:30, 10:30, 10:30].mean(dim=(1, 2, 3)).numpy(), [2.0, 0.0, 0.0], atol=0.1)
-    from deepsim.registration.geometry import Grid
+    from deepsim.geometry import Grid
 
     other = Grid((10, 12, 14), np.array([[1.0, 0, 0, 20], [0, 1.0, 0, 25], [0, 0, 1.0, 30], [0, 0, 0, 1]]))
     x, target = registration.target_points(other)

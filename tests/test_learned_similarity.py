@@ -8,7 +8,7 @@ import torch
 
 from deepsim.engine.checkpoints import save_checkpoint
 from deepsim.features.networks import build_feature_net
-from deepsim.registration.similarity import DeepSimLoss
+from deepsim.losses import DeepSimLoss
 
 REPO = Path(__file__).resolve().parents[1]
 

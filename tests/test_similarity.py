@@ -6,7 +6,7 @@ import torch
 from deepsim.features.networks import build_feature_net
 from deepsim.registration.network import RegistrationNet
 from deepsim.registration.objective import RegistrationObjective
-from deepsim.registration.similarity import (DeepSimLoss, LocalNCCLoss, MSELoss, build_similarity,
+from deepsim.losses import (DeepSimLoss, LocalNCCLoss, MSELoss, build_similarity,
                                              cosine_similarity_map, deepsim_similarity)
 from deepsim.spatial import warp_image
 

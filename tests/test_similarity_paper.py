@@ -14,13 +14,13 @@ from deepsim.data.datasets import label_values
 from deepsim.data.pairs import PairDataset, make_toy_dataset
 from deepsim.engine.tasks import RegistrationTask
 from deepsim.features.networks import build_feature_net
-from deepsim.registration.mind import MINDSSCLoss, mind_ssc, mind_ssc_pairs
-from deepsim.registration.mutual_information import NMILoss, normalized_mutual_information
+from deepsim.losses.mind import MINDSSCLoss, mind_ssc, mind_ssc_pairs
+from deepsim.losses.nmi import NMILoss, normalized_mutual_information
 from deepsim.registration.network import RegistrationNet
 from deepsim.registration.objective import RegistrationObjective, build_objective
-from deepsim.registration.similarity import FEATURE_NET_OF, SIMILARITY_NAMES, LocalNCCLoss, NCCSupLoss, build_similarity
+from deepsim.losses import FEATURE_NET_OF, SIMILARITY_NAMES, LocalNCCLoss, NCCSupLoss, build_similarity
 from deepsim.spatial import warp_image
-from deepsim.workflow import bundle_dir
+from deepsim.resources import bundle_dir
 
 
 def _smooth(shape, seed=0):

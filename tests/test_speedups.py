@@ -14,10 +14,10 @@ from monai.losses import LocalNormalizedCrossCorrelationLoss
 from deepsim.engine.tasks import RegistrationTask
 from deepsim.engine.trainer import autocast, build_trainer, speed_up
 from deepsim.io import read_image, save_volume
-from deepsim.registration.geometry import sample_at
+from deepsim.geometry import sample_at
 from deepsim.registration.network import RegistrationNet
 from deepsim.registration.objective import RegistrationObjective
-from deepsim.registration.similarity import DeepSimLoss, LocalNCCLoss, MSELoss, box_mean
+from deepsim.losses import DeepSimLoss, LocalNCCLoss, MSELoss, box_mean
 from deepsim.features.networks import build_feature_net
 
 
@@ -232,7 +232,7 @@ def test_normalise_intensity_equals_monai_percentile_scaling(tmp_path):
 
 @pytest.mark.parametrize("box", ["none", "own", "other"])
 def test_resample_onto_fast_path_equals_sampling_at_grid_points(box):
-    from deepsim.registration.geometry import (Grid, clamp_to_grid, grid_points, resample_onto,
+    from deepsim.geometry import (Grid, clamp_to_grid, grid_points, resample_onto,
                                                voxel_correspondence, working_grid)
 
     gen = torch.Generator().manual_seed(0)
@@ -258,7 +258,7 @@ def test_resample_onto_fast_path_equals_sampling_at_grid_points(box):
 
 
 def test_resample_onto_falls_back_when_voxels_do_not_coincide():
-    from deepsim.registration.geometry import Grid, grid_points, resample_onto, voxel_correspondence
+    from deepsim.geometry import Grid, grid_points, resample_onto, voxel_correspondence
 
     image = torch.rand(8, 8, 8, generator=torch.Generator().manual_seed(1))
     affine = np.eye(4)

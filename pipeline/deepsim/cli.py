@@ -20,7 +20,7 @@ from deepsim.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, DeepsimEr
 
 __all__ = ["main", "build_parser", "LOSSES"]
 
-#: the similarity losses, listed in the help texts; equal to deepsim.registration.similarity.SIMILARITY_NAMES
+#: the similarity losses, listed in the help texts; equal to deepsim.losses.SIMILARITY_NAMES
 #: (tested), spelled out here so that ``deepsim --help`` does not import torch and MONAI
 LOSSES = ("mse", "ncc", "ncc-sup", "nmi", "mind", "deepsim-ae", "deepsim-seg")
 
@@ -354,7 +354,7 @@ def _check_command_line(args: argparse.Namespace) -> None:
     from deepsim.devices import check_available
 
     if getattr(args, "losses", None):
-        from deepsim.registration.similarity import SIMILARITY_NAMES
+        from deepsim.losses import SIMILARITY_NAMES
 
         unknown = [loss for loss in args.losses if loss not in SIMILARITY_NAMES]
         if unknown:
@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_command_line(args)
         if args.command == "bundle-path":
-            from deepsim.workflow import bundle_dir
+            from deepsim.resources import bundle_dir
 
             print(bundle_dir(args.name))
             return 0

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,8 @@ from deepsim.engine.distributed import barrier, is_main_process
 from deepsim.config_check import check_profile
 from deepsim.errors import ConfigError
 from deepsim.output_folder import check_apart, check_output_folder, check_replaceable, own_output_folder
-from deepsim.registration.similarity import FEATURE_NET_OF, SIMILARITY_NAMES
+from deepsim.losses.registry import FEATURE_NET_OF, SIMILARITY_NAMES
+from deepsim.resources import bundle_dir, package_path
 from deepsim.run_record import RunRecord, run_settings
 from deepsim.tracking import mlflow_tracking as tracking
 from deepsim.tracking.models import log_network_model, logged_candidates, register_best, registered_name
@@ -65,18 +65,6 @@ logger = logging.getLogger(__name__)
 _PROFILE_KEYS = {"description", "experiment", "bundle", "common", "losses", "stages", "lambdas", "hybrids"}
 
 
-def _package_path(package: str, *parts: str) -> Path:
-    return Path(str(resources.files(package).joinpath(*parts)))
-
-
-def bundle_dir(name: str = "brain_mri") -> Path:
-    """The installed copy of ``bundles/<name>`` (the repository's folder in an editable install)."""
-    path = _package_path("deepsim.bundles", name)
-    if not (path / "configs" / "common.json").is_file():
-        raise ConfigError(f"bundle {name!r} not found at {path}")
-    return path
-
-
 @dataclass
 class Profile:
     """A named set of overrides for the bundle (configs/profiles/<name>.json)."""
@@ -99,7 +87,7 @@ def read_config_json(name_or_path: str, folder: str, allowed: set[str]) -> tuple
     kind = folder.rstrip("s")
     path = Path(name_or_path)
     if not path.suffix:
-        path = _package_path("deepsim.configs", folder, f"{name_or_path}.json")
+        path = package_path("deepsim.configs", folder, f"{name_or_path}.json")
     if not path.is_file():
         raise ConfigError(f"{kind} {name_or_path!r}: no such {kind} file ({path})")
     try:

@@ -4,9 +4,11 @@ The six embedded donors live in their own native scanner spaces: brain centres d
 Dice between donors in world space is 0.11 (1 mm, measured with ``nibabel.processing.resample_from_to``). Learned
 deformable registration is normally trained on affinely pre-aligned data (OASIS, Learn2Reg), so with
 ``alignment: affine`` the embedded dataset aligns every donor to a reference donor by a 12-parameter affine
-transform estimated on synthesised T1-like images (:class:`deepsim.registration.affine.AffineRegistration`,
-torch: the same on the CPU and on a GPU machine without SimpleITK), and resamples image and labels onto one common
-grid. tests/test_data_alignment.py checks both steps against SimpleITK.
+transform estimated on synthesised T1-like images, and resamples image and labels onto one common grid. The
+estimate comes from an :class:`Aligner` handed in by the caller — the bundle wires
+:func:`deepsim.registration.affine.estimate_affine` (torch: the same on the CPU and on a GPU machine without
+SimpleITK) — so the data layer stays below the registration layer. tests/test_data_alignment.py checks both
+steps against SimpleITK.
 
 Arrays here are NumPy ``(i, j, k)`` volumes with a 4x4 voxel -> RAS affine (NIfTI convention); a transform is a
 4x4 RAS world -> world matrix mapping points of the reference (fixed) grid into the volume's world.
@@ -15,18 +17,21 @@ Arrays here are NumPy ``(i, j, k)`` volumes with a 4x4 voxel -> RAS affine (NIfT
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from deepsim.registration.affine import AffineRegistration
-from deepsim.registration.geometry import Grid, apply_affine, grid_points, sample_at
+from deepsim.geometry import Grid, apply_affine, grid_points, sample_at
 
-__all__ = ["reference_grid", "estimate_affine", "resample_to_grid", "ALIGNMENT_LEVELS"]
+__all__ = ["Aligner", "reference_grid", "resample_to_grid"]
 
-#: Pyramid of the donor alignment, in multiples of the 1 mm synthesis: 8, 4 and 2 mm. The alignment feeds 1-2 mm
-#: grids, and stopping at 2 mm keeps it to seconds per donor on 2 CPU cores.
-ALIGNMENT_LEVELS = (8, 4, 2)
+
+class Aligner(Protocol):
+    """Estimates the 4x4 RAS world -> world matrix mapping points of the fixed volume into the moving volume."""
+
+    def __call__(self, fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
+                 seed: int = 0) -> np.ndarray: ...
 
 
 def reference_grid(center_ras: Sequence[float], spacing_mm: float, shape: Sequence[int]) -> np.ndarray:
@@ -34,18 +39,6 @@ def reference_grid(center_ras: Sequence[float], spacing_mm: float, shape: Sequen
     affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
     affine[:3, 3] = np.asarray(center_ras, dtype=np.float64) - spacing_mm * (np.asarray(shape) - 1) / 2.0
     return affine
-
-
-def estimate_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
-                    seed: int = 0, levels: Sequence[int] = ALIGNMENT_LEVELS) -> np.ndarray:
-    """4x4 RAS world -> world matrix mapping fixed points into the moving volume (intensity-based, global NCC).
-
-    Centre-of-mass start, then the 12 parameters on ``levels`` (multiples of the fixed spacing); see
-    :class:`deepsim.registration.affine.AffineRegistration`. ``seed`` is recorded for the (deterministic) fit."""
-    iterations = tuple(max(100 // 2**level, 25) for level in range(len(levels)))  # 100, 50, 25, ...
-    stage = AffineRegistration(shrink_factors=tuple(levels), iterations=iterations, seed=seed)
-    as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    return stage(as_tensor(fixed), fixed_affine, as_tensor(moving), moving_affine).matrix
 
 
 def resample_to_grid(array: np.ndarray, affine_ras: np.ndarray, transform: np.ndarray | None,

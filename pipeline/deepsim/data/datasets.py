@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from monai.data import MetaTensor
 from monai.transforms import ScaleIntensityRangePercentiles
 
-from deepsim.data.alignment import estimate_affine, reference_grid, resample_to_grid
+from deepsim.data.alignment import Aligner, reference_grid, resample_to_grid
 from deepsim.data.embedded import EMBEDDED_DONORS, dk_label_names, embedded_label_paths
 from deepsim.data.synthesis import SynthesizeT1d, brain_mask
 from deepsim.data.transforms import (
@@ -44,7 +44,7 @@ from deepsim.data.transforms import (
     loading_transforms,
     preprocessing_transforms,
 )
-from deepsim.errors import DatasetError, OutputError
+from deepsim.errors import ConfigError, DatasetError, OutputError
 from deepsim.io import make_staging_dir, smallest_label_dtype
 from deepsim.output_folder import check_apart, replace_folder
 
@@ -184,6 +184,7 @@ def prepare_embedded_brains(
     num_workers: int | None = None,
     reference_donor: str = REFERENCE_DONOR,
     alignment: str = "centre",
+    aligner: Aligner | None = None,
 ) -> Path:
     """Preprocess the six embedded brains (synthesised T1 + DK labels) into ``out_dir``; returns ``datalist.json``.
 
@@ -199,7 +200,8 @@ def prepare_embedded_brains(
       — a translation pre-alignment; each file keeps its own world affine. Mean test-pair Dice of the identity
       is then ≈ 0.15, and the registration network learns the residual global and local misalignment.
     - ``"affine"``: every donor is aligned to ``reference_donor`` by an affine transform estimated on synthesized
-      images (:func:`deepsim.data.alignment.estimate_affine`, torch); image and labels are resampled once, from
+      images by ``aligner`` (required then; the bundle passes :func:`deepsim.registration.affine.estimate_affine`,
+      torch); image and labels are resampled once, from
       the 1 mm synthesis, onto one RAS grid centred on the reference brain (identity Dice ≈ 0.35). Measured: with
       the CPU default's 250 training steps on 3 donors, no learned loss beat the identity on these pairs
       (MSE 0.329, NCC 0.340, DeepSim-AE 0.340, DeepSim-seg 0.298 vs 0.351) — learning anatomy-specific
@@ -220,6 +222,8 @@ def prepare_embedded_brains(
         raise DatasetError(f"augment_copies must be ≥ 0 and test_variants ≥ 1, got {augment_copies}, {test_variants}")
     if alignment not in ("centre", "affine"):
         raise DatasetError(f"alignment must be 'centre' or 'affine', got {alignment!r}")
+    if alignment == "affine" and aligner is None:
+        raise ConfigError("alignment 'affine' needs an aligner, e.g. deepsim.registration.affine.estimate_affine")
     params = {
         "kind": "embedded", "version": _FORMAT_VERSION, "spacing_mm": float(spacing_mm), "roi_size": list(roi),
         "train_donors": train_donors, "test_donors": test_donors, "augment_copies": int(augment_copies),
@@ -255,7 +259,8 @@ def prepare_embedded_brains(
         loaded[donor] = item
     label_values = sorted({int(v) for it in loaded.values() for v in torch.unique(it["label"]).tolist()} | {0})
     if alignment == "affine":
-        grid_affine, transforms = _align_donors(loaded, str(reference_donor), float(spacing_mm), roi, seed, progress)
+        grid_affine, transforms = _align_donors(loaded, str(reference_donor), float(spacing_mm), roi, seed, progress,
+                                                aligner)
 
     tmp_dir = make_staging_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     normalise = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
@@ -305,7 +310,7 @@ def _to_common_grid(data: dict, transform, grid_affine: np.ndarray, roi: Sequenc
 
 
 def _align_donors(loaded: dict[str, dict], reference: str, spacing_mm: float, roi: Sequence[int], seed: int,
-                  progress: bool) -> tuple[np.ndarray, dict]:
+                  progress: bool, aligner: Aligner) -> tuple[np.ndarray, dict]:
     """Affine transform of every donor into ``reference``'s space, and the common grid (centred on its brain)."""
     if reference not in loaded:
         raise DatasetError(f"reference donor {reference!r} is not among the prepared donors {sorted(loaded)}")
@@ -318,7 +323,7 @@ def _align_donors(loaded: dict[str, dict], reference: str, spacing_mm: float, ro
     fixed, fixed_affine = synth[reference][0].numpy(), synth[reference].affine.numpy()
     transforms = {}
     for donor in tqdm(sorted(loaded), desc="affine alignment", disable=not progress, unit="donor"):
-        transforms[donor] = None if donor == reference else estimate_affine(
+        transforms[donor] = None if donor == reference else aligner(
             fixed, fixed_affine, synth[donor][0].numpy(), synth[donor].affine.numpy(), seed=seed)
     return grid_affine, transforms
 

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from deepsim.data.alignment import Aligner
 from deepsim.errors import ConfigError
 
 __all__ = ["prepare_dataset", "log_datalist"]
@@ -33,12 +34,15 @@ def prepare_dataset(
     downsample: int = 2,
     time_gaps: Sequence[int] = (1, 2, 3),
     split_at: Sequence[int] = (20, 24),
+    aligner: Aligner | None = None,
 ) -> Path:
     """Prepare ``dataset`` into ``out_dir`` and return the path of its ``datalist.json`` (cached across calls).
 
     ``spacing_mm=None`` takes the dataset's default: 2 mm for brains and users' data, 1.0 per prepared pixel for
     the cells. ``augment_copies`` and ``alignment`` apply to the embedded brains only; ``downsample``,
-    ``time_gaps`` and ``split_at`` to the cells only.
+    ``time_gaps`` and ``split_at`` to the cells only. ``aligner`` estimates the donors' affines for
+    ``alignment="affine"`` (:class:`deepsim.data.alignment.Aligner`; the bundles wire
+    :func:`deepsim.registration.affine.estimate_affine`).
     """
     out_dir = Path(out_dir)
     if dataset == "embedded":
@@ -46,7 +50,7 @@ def prepare_dataset(
 
         result = prepare_embedded_brains(out_dir, spacing_mm=2.0 if spacing_mm is None else spacing_mm,
                                          roi_size=roi_size, augment_copies=augment_copies, seed=seed,
-                                         progress=progress, alignment=alignment)
+                                         progress=progress, alignment=alignment, aligner=aligner)
     elif dataset == "cells":
         from deepsim.data.cells import prepare_cells_timelapse
 

@@ -57,7 +57,7 @@ def autocast(device: torch.device | str, precision: str = "fp32"):
 
     Under bf16 the convolutions run in bfloat16; what needs float32 asks for it (the flow head, warping, local NCC,
     cosine similarities: see :class:`~deepsim.registration.network.RegistrationNet` and
-    :mod:`deepsim.registration.similarity`).
+    :mod:`deepsim.losses`).
     """
     _check_precision(precision)
     device = torch.device(device)

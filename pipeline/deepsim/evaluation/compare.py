@@ -27,7 +27,7 @@ import torch
 from deepsim.errors import ConfigError, DatasetError
 from deepsim.evaluation.summary import format_number, pair_metrics, paired_wilcoxon
 from deepsim.io import atomic_write
-from deepsim.registration.classical import CLASSICAL_METHODS, TOOL_MODULES
+from deepsim.peers import CLASSICAL_METHODS, TOOL_MODULES
 from deepsim.registration.pipeline import HYBRID, is_our_method, method_registrar, parse_method, registrar_params
 from deepsim.spatial import warp_labels
 

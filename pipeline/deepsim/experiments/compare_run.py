@@ -15,7 +15,7 @@ from deepsim.evaluation.compare import (
     plot_comparison,
 )
 from deepsim.io import atomic_write
-from deepsim.registration.classical import CLASSICAL_METHODS
+from deepsim.peers import CLASSICAL_METHODS
 from deepsim.tracking import mlflow_tracking as tracking
 
 __all__ = ["run_comparison", "label_groups_of"]
@@ -83,7 +83,7 @@ def _default_optimiser():
 
 def _report(summary, results, run_dir: Path, device: str, command: str, seconds: float, parent) -> str:
     from deepsim.registration.affine import AffineRegistration
-    from deepsim.registration.classical import AntsSyN, ElastixBSpline, FireANTs
+    from deepsim.peers import AntsSyN, ElastixBSpline, FireANTs
     from deepsim.registration.pipeline import Registrar, registrar_params
 
     best = summary.attrs["best"]

@@ -147,7 +147,7 @@ def run_sweep(
 
 def relative_grid(profile, losses: Sequence[str], factors: Sequence[float]) -> dict[str, list[float]]:
     """Per-loss grids ``λ_loss × factor``, ``λ_loss`` from the profile's ``lambdas`` or else the bundle default."""
-    from deepsim.workflow import bundle_dir
+    from deepsim.resources import bundle_dir
 
     stage = json.loads((bundle_dir(profile.bundle) / "configs" / "train_registration.json").read_text())
     base = {**stage.get("lambdas", {}), **profile.lambdas}

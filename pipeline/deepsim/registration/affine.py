@@ -31,12 +31,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from deepsim.registration.filters import downsample, level_affine
-from deepsim.registration.geometry import homogeneous
-from deepsim.registration.mutual_information import parzen_joint_distribution
+from deepsim.filters import downsample, level_affine
+from deepsim.geometry import homogeneous
+from deepsim.losses.nmi import parzen_joint_distribution
 from deepsim.registration.plateau import Plateau
 
-__all__ = ["AffineRegistration", "AffineResult", "centre_of_mass", "pyramid_shape", "METRICS"]
+__all__ = ["AffineRegistration", "AffineResult", "centre_of_mass", "pyramid_shape", "METRICS", "estimate_affine",
+           "ALIGNMENT_LEVELS"]
 
 METRICS = ("ncc", "mi")
 
@@ -222,3 +223,21 @@ class AffineRegistration:
         out = np.eye(4)
         out[:ndim, :ndim], out[:ndim, 3] = matrix[:ndim, :ndim], matrix[:ndim, ndim]
         return AffineResult(out, losses, steps, time.perf_counter() - started)
+
+
+#: Pyramid of the donor alignment, in multiples of the 1 mm synthesis: 8, 4 and 2 mm. The alignment feeds 1-2 mm
+#: grids, and stopping at 2 mm keeps it to seconds per donor on 2 CPU cores.
+ALIGNMENT_LEVELS = (8, 4, 2)
+
+
+def estimate_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
+                    seed: int = 0, levels: Sequence[int] = ALIGNMENT_LEVELS) -> np.ndarray:
+    """4x4 RAS world -> world matrix mapping fixed points into the moving volume (intensity-based, global NCC).
+
+    Centre-of-mass start, then the 12 parameters on ``levels`` (multiples of the fixed spacing); see
+    :class:`AffineRegistration`. ``seed`` is recorded for the (deterministic) fit. This is the
+    :class:`deepsim.data.alignment.Aligner` the embedded dataset's ``alignment: affine`` is given."""
+    iterations = tuple(max(100 // 2**level, 25) for level in range(len(levels)))  # 100, 50, 25, ...
+    stage = AffineRegistration(shrink_factors=tuple(levels), iterations=iterations, seed=seed)
+    as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    return stage(as_tensor(fixed), fixed_affine, as_tensor(moving), moving_affine).matrix

@@ -45,7 +45,7 @@ from deepsim.io import (has_shear, load_displacement, make_staging_dir, read_ima
                         save_like, save_volume, smallest_label_dtype)
 from deepsim.output_folder import check_output_file, check_targets, publish_files
 from deepsim.registration.affine import AffineRegistration
-from deepsim.registration.geometry import Grid, apply_affine, grid_points, linear_part, sample_at
+from deepsim.geometry import Grid, apply_affine, grid_points, linear_part, sample_at
 from deepsim.registration.instance import InstanceOptimisation, instance_similarity
 from deepsim.registration.model import RegistrationModel, resolve_model
 from deepsim.registration.overlap import check_extent, check_overlap

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from deepsim.registration.filters import downsample, gaussian_smooth, level_shape
+from deepsim.filters import downsample, gaussian_smooth, level_shape
 from deepsim.registration.plateau import Plateau
 
 __all__ = ["InstanceOptimisation", "InstanceResult", "instance_similarity", "integrate_velocity", "ddf_to_normalised",
@@ -135,7 +135,7 @@ class InstanceOptimisation:
 
     Args:
         similarity: ``loss(warped, fixed) -> scalar`` (B, C, *S), evaluated at every level on the level's images,
-            smallest for a perfect match (e.g. :class:`deepsim.registration.similarity.LocalNCCLoss`).
+            smallest for a perfect match (e.g. :class:`deepsim.losses.LocalNCCLoss`).
         transform: ``"svf"``: φ = exp(v), v optimised by Adam through scaling and squaring; ``"greedy"``: φ is
             updated by composition with a small smoothed step each iteration, φ ← φ ∘ (id + δ), the step δ an
             Adam-normalised, Gaussian-smoothed gradient no longer than ``learning_rate`` voxels anywhere (the

@@ -63,7 +63,7 @@ class RegistrationModel:
 
 def default_model_dir() -> Path:
     """Folder of the pretrained brain model shipped in the package."""
-    from deepsim.workflow import bundle_dir
+    from deepsim.resources import bundle_dir
 
     return bundle_dir("brain_mri") / "models" / "pretrained"
 

@@ -9,7 +9,7 @@ import torch
 from monai.losses import DiffusionLoss
 from torch import nn
 
-from deepsim.registration.similarity import FEATURE_NET_OF, build_similarity
+from deepsim.losses import FEATURE_NET_OF, build_similarity
 
 __all__ = ["RegistrationObjective", "build_objective"]
 

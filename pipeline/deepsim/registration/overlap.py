@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from deepsim.errors import DatasetError
-from deepsim.registration.geometry import Grid, apply_affine, grid_points
+from deepsim.geometry import Grid, apply_affine, grid_points
 
 __all__ = ["MIN_WORKING_VOXELS", "MAX_WORKING_VOXELS", "WARN_OVERLAP", "inside_fraction", "check_extent",
            "check_overlap"]

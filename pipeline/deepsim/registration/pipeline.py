@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from deepsim.registration.affine import AffineRegistration, AffineResult
-from deepsim.registration.geometry import Grid, apply_affine, grid_points, homogeneous, resample_onto, working_grid
+from deepsim.geometry import Grid, apply_affine, grid_points, homogeneous, resample_onto, working_grid
 from deepsim.registration.instance import InstanceOptimisation, InstanceResult
 from deepsim.spatial import ddf_voxel_to_world
 
