@@ -263,15 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--network-only", action="store_true",
                         help="the network's prediction alone: no affine stage, no instance optimisation (fastest; "
                         "needs images roughly aligned like the model's training pairs)")
-    stages.add_argument("--iterations", type=_COUNT, nargs="+", default=[50, 30, 15], metavar="N",
-                        help="instance optimisation steps per pyramid level (shrink 4, 2, 1), or one number for "
-                        "all levels; each level also stops on a loss plateau; 0: no instance optimisation")
+    stages.add_argument("--iterations", type=_COUNT, nargs="+", default=None, metavar="N",
+                        help="instance optimisation steps per pyramid level (shrink 4, 2, 1; default: 50 30 15), "
+                        "or one number for all levels; each level also stops on a loss plateau; 0: no instance "
+                        "optimisation")
+    stages.add_argument("--transform", choices=["greedy", "symmetric", "svf"], default=None,
+                        help="instance optimisation transform model: greedy compositive updates, symmetric "
+                        "(both images move half-way, as ANTs SyN) or a stationary velocity field (default: greedy; "
+                        "see docs/instance_optimisation.md)")
     stages.add_argument("--loss", default=None,
                         choices=["ncc", "mse", "mind", "nmi", "deepsim-ae", "deepsim-seg"],
                         help="instance optimisation loss (default: the model's own; deepsim-* need the model's "
                         "feature net beside it; mind or nmi for different contrasts)")
-    stages.add_argument("--learning-rate", type=_POSITIVE, default=0.5,
-                        help="instance optimisation: the longest step, in voxels of each level")
+    stages.add_argument("--learning-rate", type=_POSITIVE, default=None,
+                        help="instance optimisation: the longest step, in voxels of each level (default: 0.5)")
     rg.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu or cuda:0")
     rg.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --model runs:/... or models:/...")
     rg.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -522,7 +527,7 @@ def _register_stages(args: argparse.Namespace) -> dict:
     if args.network_only:
         return {"affine": False, "network": True, "iterations": 0}
     return {"affine": args.affine, "network": args.network, "iterations": args.iterations, "loss": args.loss,
-            "learning_rate": args.learning_rate, "affine_metric": args.affine_metric}
+            "learning_rate": args.learning_rate, "affine_metric": args.affine_metric, "transform": args.transform}
 
 
 def _register(args: argparse.Namespace) -> int:
