@@ -1,7 +1,6 @@
 """Inverse transforms: field inversion, the symmetric (mid-space) model, inverse consistency, the written inverse."""
 
 import json
-import math
 
 import nibabel as nib
 import numpy as np
@@ -15,29 +14,15 @@ from deepsim.registration.fields import compose, ddf_to_normalised, invert_displ
 from deepsim.registration.instance import InstanceOptimisation
 from deepsim.registration.pipeline import Registrar
 from deepsim.spatial import warp_image
+from synthetic_fields import blob_scene, sine_field
 
 
 def _scene(shape, seed=0):
-    """(1, 1, *shape) image of Gaussian blobs on a dark background, values in [0, 1]."""
-    rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
-    image = np.zeros(shape)
-    for _ in range(30):
-        centre = [rng.uniform(0.15, 0.85) * n for n in shape]
-        width = rng.uniform(0.03, 0.07) * min(shape)
-        image += rng.uniform(0.4, 1.0) * np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre)) / (2 * width**2))
-    return torch.as_tensor(image / image.max(), dtype=torch.float32)[None, None]
+    """Blobs spread wider and finer than the default scene: structure near every part of the grid."""
+    return blob_scene(shape, seed, blobs=30, spread=(0.15, 0.85), width=(0.03, 0.07))
 
 
-def _smooth_field(shape, amplitude_voxels, seed=0):
-    """(1, ndim, *shape) smooth displacement in voxels: one sine wave per component (half a period to one)."""
-    rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) / n for n in shape], indexing="ij")
-    components = []
-    for _ in shape:
-        phase, k = rng.uniform(0, 2 * math.pi, len(shape)), rng.integers(0, 2, len(shape)) + 0.5
-        components.append(amplitude_voxels * np.sin(sum(2 * math.pi * kk * g + p for kk, g, p in zip(k, grids, phase))))
-    return torch.as_tensor(np.stack(components), dtype=torch.float32)[None]
+_smooth_field = sine_field
 
 
 def _interior(shape, margin):
@@ -255,3 +240,23 @@ def test_itk_reads_the_inverse_field_as_ours_and_it_undoes_the_forward_field(reg
         np.testing.assert_allclose(mapped, point + d_mm[(slice(None), *i)], atol=1e-3)
         back = np.asarray(forward.TransformPoint((mapped * lps).tolist())) * lps
         assert np.linalg.norm(back - point) < 0.3  # mm (voxels of 2 mm)
+
+
+def test_the_symmetric_model_with_a_deepsim_loss_is_refused_before_any_work():
+    from deepsim.errors import ConfigError
+    from deepsim.registration.inference import _instance_optimiser
+
+    with pytest.raises(ConfigError, match="symmetric cannot use the loss deepsim-seg"):
+        _instance_optimiser(None, "deepsim-seg", 3, None, None, torch.device("cpu"), "symmetric")
+
+
+def test_the_default_transform_of_a_deepsim_loss_is_one_it_can_use():
+    """Whatever DEFAULT_TRANSFORM is, a DeepSim loss (fixed features held constant) gets greedy or the default."""
+    from deepsim.features.networks import build_feature_net
+    from deepsim.losses.deepsim import DeepSimLoss
+    from deepsim.registration.instance import DEFAULT_TRANSFORM, default_transform
+
+    loss = DeepSimLoss(build_feature_net("ae", 3, channels=(4, 8)))
+    assert default_transform(loss) in ({"greedy"} if DEFAULT_TRANSFORM == "symmetric" else {DEFAULT_TRANSFORM})
+    assert default_transform(LocalNCCLoss(3, 5)) == DEFAULT_TRANSFORM
+    assert InstanceOptimisation(loss).transform == default_transform(loss)

@@ -51,6 +51,7 @@ from deepsim.io import (has_shear, load_displacement, make_staging_dir, read_ima
 from deepsim.output_folder import check_output_file, check_targets, publish_files
 from deepsim.registration.affine import AffineRegistration
 from deepsim.geometry import Grid, apply_affine, grid_points, linear_part, sample_at
+from deepsim.losses import FEATURE_NET_OF
 from deepsim.registration.instance import TRANSFORMS, InstanceOptimisation, instance_similarity
 from deepsim.registration.model import RegistrationModel, resolve_model
 from deepsim.registration.overlap import check_extent, check_overlap
@@ -160,13 +161,15 @@ def _instance_optimiser(net: RegistrationModel | None, loss: str | None, spatial
         raise ConfigError(f"--iterations takes 1 or {len(levels)} numbers (one per level, shrink {levels}); "
                           f"got {steps}")
     name = loss or (net.similarity if net is not None and net.similarity else "ncc")
+    if transform is not None and transform not in TRANSFORMS:
+        raise ConfigError(f"--transform must be one of {', '.join(TRANSFORMS)}; got {transform!r}")
+    if transform == "symmetric" and name in FEATURE_NET_OF:
+        raise ConfigError(f"--transform symmetric cannot use the loss {name}: it holds the fixed image's features "
+                          "constant; use --transform greedy (its default) or another loss")
     try:
         similarity = instance_similarity(name, spatial_dims, net.models_dir if net is not None else None, device)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"instance optimisation with the loss {name!r}: {exc}") from exc
-    transform = transform or defaults["transform"].default
-    if transform not in TRANSFORMS:
-        raise ConfigError(f"--transform must be one of {', '.join(TRANSFORMS)}; got {transform!r}")
     return InstanceOptimisation(similarity, transform=transform, iterations=steps, loss_name=name,
                                 learning_rate=learning_rate or defaults["learning_rate"].default)
 

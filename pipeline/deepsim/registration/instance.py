@@ -43,11 +43,22 @@ from deepsim.registration.fields import (ddf_to_normalised, integrate_velocity, 
                                          normalised_to_ddf, resize_field, sample)
 from deepsim.registration.plateau import Plateau
 
-__all__ = ["InstanceOptimisation", "InstanceResult", "instance_similarity", "integrate_velocity", "ddf_to_normalised",
-           "normalised_to_ddf", "TEST_TIME_SETTINGS", "TRANSFORMS"]
+__all__ = ["InstanceOptimisation", "InstanceResult", "GreedyStep", "instance_similarity", "integrate_velocity",
+           "ddf_to_normalised", "normalised_to_ddf", "default_transform", "TEST_TIME_SETTINGS", "TRANSFORMS",
+           "DEFAULT_TRANSFORM"]
 
 #: the transform models (module docstring)
 TRANSFORMS = ("greedy", "symmetric", "svf")
+#: the model used when none is named (:func:`default_transform`)
+DEFAULT_TRANSFORM = "greedy"
+
+
+def default_transform(similarity) -> str:
+    """:data:`DEFAULT_TRANSFORM`, except ``greedy`` for a similarity that holds the fixed image constant (the
+    DeepSim losses compute its features once, without gradient), which the symmetric model cannot use."""
+    from deepsim.losses.deepsim import DeepSimLoss
+
+    return "greedy" if DEFAULT_TRANSFORM == "symmetric" and isinstance(similarity, DeepSimLoss) else DEFAULT_TRANSFORM
 
 #: Settings of a similarity at test time that differ from training: local NCC over 5-voxel windows (ANTs' CC
 #: radius 2) rather than the paper's 9, measured better for instance optimisation on the 2 mm brains
@@ -136,9 +147,9 @@ class InstanceOptimisation:
     Args:
         similarity: ``loss(warped, fixed) -> scalar`` (B, C, *S), evaluated at every level on the level's images,
             smallest for a perfect match (e.g. :class:`deepsim.losses.LocalNCCLoss`).
-        transform: ``"greedy"``: φ is updated by composition with a small smoothed step each iteration,
-            φ ← φ ∘ (id + δ) (:class:`GreedyStep`; the greedy scheme of ANTs SyN and FireANTs; each step is
-            invertible, so is their composition); ``"symmetric"``: both images move towards a middle space, two
+        transform: None: :func:`default_transform`; ``"greedy"``: φ is updated by composition with a small
+            smoothed step each iteration, φ ← φ ∘ (id + δ) (:class:`GreedyStep`; the greedy scheme of ANTs SyN
+            and FireANTs; each step is invertible, so is their composition); ``"symmetric"``: both images move towards a middle space, two
             half-maps updated by the same steps (:mod:`.symmetric`; needs a similarity differentiable in both
             images, so not the DeepSim losses, which hold the fixed image's features constant); ``"svf"``:
             φ = exp(v), v optimised by Adam through scaling and squaring (several times the cost of a greedy step).
@@ -164,7 +175,7 @@ class InstanceOptimisation:
     """
 
     similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | nn.Module
-    transform: str = "greedy"
+    transform: str | None = None
     scales: Sequence[int] = (4, 2, 1)
     iterations: Sequence[int] = (50, 30, 15)
     learning_rate: float = 0.5
@@ -179,6 +190,8 @@ class InstanceOptimisation:
     loss_name: str = ""
 
     def __post_init__(self) -> None:
+        if self.transform is None:
+            self.transform = default_transform(self.similarity)
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {', '.join(TRANSFORMS)}; got {self.transform!r}")
         if len(self.scales) != len(self.iterations) or not self.scales:
