@@ -22,7 +22,7 @@ __all__ = ["main", "build_parser", "LOSSES"]
 
 #: the similarity losses, listed in the help texts; equal to deepsim.losses.SIMILARITY_NAMES
 #: (tested), spelled out here so that ``deepsim --help`` does not import torch and MONAI
-LOSSES = ("mse", "ncc", "ncc-sup", "nmi", "mind", "deepsim-ae", "deepsim-seg")
+LOSSES = ("mse", "ncc", "ncc-sup", "nmi", "mind", "deepsim-ae", "deepsim-seg", "dice")
 
 _EPILOG = """examples:
   deepsim run                              # whole pipeline on the embedded brains (CPU, ~12 min)

@@ -46,7 +46,7 @@ from deepsim.io import (has_shear, load_displacement, make_staging_dir, read_ima
 from deepsim.output_folder import check_output_file, check_targets, publish_files
 from deepsim.registration.affine import AffineRegistration
 from deepsim.geometry import Grid, apply_affine, grid_points, linear_part, sample_at
-from deepsim.registration.instance import InstanceOptimisation, instance_similarity
+from deepsim.registration.instance import InstanceOptimisation, instance_similarity, test_time_loss
 from deepsim.registration.model import RegistrationModel, resolve_model
 from deepsim.registration.overlap import check_extent, check_overlap
 from deepsim.registration.pipeline import Registrar
@@ -149,7 +149,7 @@ def _instance_optimiser(net: RegistrationModel | None, loss: str | None, spatial
     if len(steps) != len(levels):
         raise ConfigError(f"--iterations takes 1 or {len(levels)} numbers (one per level, shrink {levels}); "
                           f"got {steps}")
-    name = loss or (net.similarity if net is not None and net.similarity else "ncc")
+    name = loss or test_time_loss(net.similarity if net is not None else None)
     try:
         similarity = instance_similarity(name, spatial_dims, net.models_dir if net is not None else None, device)
     except (ValueError, OSError) as exc:

@@ -30,7 +30,7 @@ import torch
 
 from deepsim.registration.affine import AffineRegistration, AffineResult
 from deepsim.geometry import Grid, apply_affine, grid_points, homogeneous, resample_onto, working_grid
-from deepsim.registration.instance import InstanceOptimisation, InstanceResult
+from deepsim.registration.instance import InstanceOptimisation, InstanceResult, test_time_loss
 from deepsim.spatial import ddf_voxel_to_world
 
 __all__ = ["HYBRID", "Registrar", "Registration", "method_registrar", "parse_method", "registrar_params",
@@ -172,7 +172,7 @@ def parse_method(method: str) -> tuple[bool, str | None, str | None]:
 
     ``identity``; ``affine``; ``affine+io`` (local NCC); ``<loss>`` (the network alone, no affine: as trained);
     ``affine+<loss>`` (affine, then the network); ``<loss>+io`` (affine, network, optimisation with ``<loss>``, or
-    local NCC for ``ncc-sup``); ``<net>+io-<loss>`` and ``affine+io-<loss>`` (the optimisation loss named
+    local NCC for ``ncc-sup`` and ``dice``); ``<net>+io-<loss>`` and ``affine+io-<loss>`` (the optimisation loss named
     explicitly, e.g. ``ncc+io-deepsim-seg``: the NCC network's field refined with the DeepSim-seg loss).
     """
     if method == "identity":
@@ -184,7 +184,7 @@ def parse_method(method: str) -> tuple[bool, str | None, str | None]:
     network = head.removeprefix("affine+") if head.startswith("affine+") else (None if head == "affine" else head)
     if not io:
         return affine, network, None
-    optimiser_loss = io_loss[1:] if io_loss else ("ncc" if network in (None, "ncc-sup") else network)
+    optimiser_loss = io_loss[1:] if io_loss else test_time_loss(network)
     return True, network, optimiser_loss
 
 

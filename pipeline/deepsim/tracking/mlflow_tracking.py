@@ -32,6 +32,7 @@ from typing import Any
 
 from deepsim.errors import ConfigError, TrackingError, first_line
 from deepsim.output_folder import store_lock
+from deepsim.tracking.active import active_run_id
 
 __all__ = ["default_tracking_uri", "setup_tracking", "stage_run", "log_epoch_metrics", "log_params",
            "log_artifact", "log_dict", "log_datalist", "flatten", "git_commit", "source_tags", "ui_command",
@@ -221,9 +222,7 @@ def raise_failed_uploads() -> None:
 
 
 def _active() -> bool:
-    import mlflow
-
-    return mlflow.active_run() is not None
+    return active_run_id() is not None
 
 
 def log_epoch_metrics(metrics: Mapping[str, float], epoch: int) -> None:
