@@ -41,14 +41,15 @@ import torch
 from deepsim.errors import ConfigError, DatasetError
 from deepsim.evaluation.dice import dice_per_label, mean_dice
 from deepsim.evaluation.jacobian import folding_percent, jacobian_determinant, std_log_jacobian
+from deepsim.grid_check import MIN_AXIS_INDEPENDENCE, check_extent
 from deepsim.io import (has_shear, load_displacement, make_staging_dir, read_image, save_displacement, save_itk_affine,
                         save_like, save_volume, smallest_label_dtype)
 from deepsim.output_folder import check_output_file, check_targets, publish_files
 from deepsim.registration.affine import AffineRegistration
-from deepsim.geometry import Grid, apply_affine, grid_points, linear_part, sample_at
+from deepsim.geometry import Grid, apply_affine, grid_points, sample_at
 from deepsim.registration.instance import InstanceOptimisation, instance_similarity, test_time_loss
 from deepsim.registration.model import RegistrationModel, resolve_model
-from deepsim.registration.overlap import check_extent, check_overlap
+from deepsim.registration.overlap import check_overlap
 from deepsim.registration.pipeline import Registrar
 from deepsim.spatial import ddf_world_to_voxel
 
@@ -80,9 +81,12 @@ def load_native(path: str | Path, role: str) -> NativeImage:
         raise DatasetError(f"{path}: {role} has {array.ndim} dimensions {array.shape}; expected a 2D or 3D image")
     if min(array.shape) < 2:
         raise DatasetError(f"{path}: {role} has shape {array.shape}; every axis needs at least 2 voxels")
-    if abs(np.linalg.det(linear_part(affine, array.ndim))) < 1e-9:
-        raise DatasetError(f"{path}: {role}'s voxel axes do not span the world's first {array.ndim} axes (e.g. a "
-                           "coronal 2D slice); 2D images must lie in the x-y plane of their affine")
+    # read_image checked that the voxel axes are independent (grid_check); a 2D image's must also span x-y. The
+    # test is scale-free: an absolute determinant threshold refused 3D micron images (0.5 µm voxels: det 1.25e-10)
+    axes = np.asarray(affine, dtype=np.float64)[:3, :array.ndim]
+    if array.ndim == 2 and abs(np.linalg.det(axes[:2])) / np.prod(np.linalg.norm(axes, axis=0)) < MIN_AXIS_INDEPENDENCE:
+        raise DatasetError(f"{path}: {role}'s voxel axes do not span the world's x-y plane (e.g. a coronal 2D slice); "
+                           "2D images must lie in the x-y plane of their affine")
     return NativeImage(Path(path), array, affine, header)
 
 
@@ -212,7 +216,7 @@ def register_files(
         _check_model(fixed_img, net)
     working_spacing = net.spacing_mm if net is not None else spacing_mm
     if working_spacing is not None:
-        check_extent(fixed_img.grid, working_spacing, fixed_img.path)
+        check_extent(fixed_img.path, fixed_img.affine, fixed_img.array.shape, working_spacing)
     if not affine:
         check_overlap(fixed_img.grid, moving_img.grid, moving_img.path, fixed_img.path,
                       hint="; or let the affine stage align them (leave out --no-affine / --network-only)")
