@@ -37,6 +37,9 @@ DATA = Path(__file__).parent / "data"
 #: 1×1×1 uint8 label map, sform code 1 with srow_x = (1, 1e30, 0, 0): MONAI's Orientationd raised
 #: "ValueError: Unable to find out axis 1.0 in start_ornt", which reached users as a RuntimeError (issue 24)
 ORIENTATION_CRASH = DATA / "orientation_crash.nii"
+#: 348 bytes: the header of a one-voxel uint8 image whose voxel is cut off. Found by a random run of 200 examples
+#: (DEEPSIM_FUZZ=random): the prepared-data reader put nibabel's two-line message into its error
+TRUNCATED_VOXELS = DATA / "truncated_voxels.nii"
 #: set to a file path, the property test appends one line per example drawn (its sha256): two runs compared
 FUZZ_LOG = "DEEPSIM_FUZZ_LOG"
 
@@ -73,7 +76,7 @@ def _header(data: np.ndarray, affine: np.ndarray, sform_code: int = 1) -> nib.Ni
 
 def _to_bytes(header: nib.Nifti1Header, data: np.ndarray, suffix: str = ".nii") -> bytes:
     raw = nib.Nifti1Image(data, None, header=header).to_bytes()
-    return gzip.compress(raw, compresslevel=1) if suffix == ".nii.gz" else raw
+    return gzip.compress(raw, compresslevel=1, mtime=0) if suffix == ".nii.gz" else raw
 
 
 @st.composite
@@ -197,7 +200,8 @@ def _run_loaders(path: Path) -> dict[str, str]:
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(nifti_files())
 @example((ORIENTATION_CRASH.read_bytes(), ".nii"))
-@example((gzip.compress(ORIENTATION_CRASH.read_bytes()), ".nii.gz"))
+@example((gzip.compress(ORIENTATION_CRASH.read_bytes(), mtime=0), ".nii.gz"))
+@example((TRUNCATED_VOXELS.read_bytes(), ".nii"))
 def test_random_nifti_files_give_a_valid_result_or_our_error_never_a_crash_or_hang(tmp_path, case):
     raw, suffix = case
     if os.environ.get(FUZZ_LOG):
@@ -315,9 +319,9 @@ def test_deepsim_register_refuses_the_orientation_crash_file_in_one_line(tmp_pat
 
 # ---------------------------------------------------------------------------------- the same examples each run
 def _drawn_examples(tmp_path: Path, run: str, profile: str, hash_seed: str) -> list[str]:
-    """The sha256 of every example the property test drew in a fresh ``python -m pytest`` (10 examples)."""
+    """The sha256 of every example the property test drew in a fresh ``python -m pytest`` (6 examples)."""
     log = tmp_path / f"{run}.log"
-    env = {**os.environ, FUZZ_LOG: str(log), "DEEPSIM_FUZZ": profile, "DEEPSIM_FUZZ_EXAMPLES": "10",
+    env = {**os.environ, FUZZ_LOG: str(log), "DEEPSIM_FUZZ": profile, "DEEPSIM_FUZZ_EXAMPLES": "6",
            "PYTHONHASHSEED": hash_seed}
     test = f"{Path(__file__)}::test_random_nifti_files_give_a_valid_result_or_our_error_never_a_crash_or_hang"
     proc = subprocess.run([sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider"], env=env,
@@ -326,11 +330,12 @@ def _drawn_examples(tmp_path: Path, run: str, profile: str, hash_seed: str) -> l
     return log.read_text().splitlines()
 
 
+@pytest.mark.slow  # three fresh pytest processes: about 40 s of CPU
 def test_two_runs_of_the_property_test_draw_the_same_examples_and_a_random_run_others(tmp_path):
     """What makes CI deterministic (conftest.py's "ci" profile), checked in fresh processes; the "random" profile
     shows the comparison can fail."""
     first = _drawn_examples(tmp_path, "first", "ci", "1")
     second = _drawn_examples(tmp_path, "second", "ci", "2")
-    assert len(first) >= 12 and first == second  # 2 pinned examples + 10 drawn
+    assert len(first) >= 9 and first == second  # 3 pinned examples + 6 drawn
     fresh = _drawn_examples(tmp_path, "random", "random", "1")
-    assert fresh[2:] != first[2:]
+    assert fresh[3:] != first[3:]

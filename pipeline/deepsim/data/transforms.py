@@ -42,7 +42,7 @@ from monai.transforms import (
 
 from deepsim.grid_check import check_affine, check_extent
 from deepsim.data.synthesis import SynthesizeT1d
-from deepsim.errors import DatasetError
+from deepsim.errors import DatasetError, first_line
 from deepsim.io import affine_in_mm
 
 __all__ = [
@@ -105,7 +105,7 @@ def _header(path: Path) -> nib.spatialimages.SpatialImage:
     try:
         return nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for broken files
-        raise DatasetError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from None
+        raise DatasetError(f"{path} is not a readable image ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _spatial_shape(img: nib.spatialimages.SpatialImage, path: Path) -> tuple[int, ...]:
@@ -164,8 +164,8 @@ class LoadFilesd(MapTransform):
             try:
                 d = self.loaders[key](d)
             except Exception as exc:  # nibabel/zlib/MONAI raise many types for a damaged file
-                reason = (str(exc).splitlines() or [""])[0][:200]
-                raise DatasetError(f"{path} is not a readable image ({type(exc).__name__}: {reason})") from None
+                reason = f"{type(exc).__name__}: {first_line(exc)}"
+                raise DatasetError(f"{path} is not a readable image ({reason})") from None
             # MONAI may read another of the header's two affines (qform/sform) than nibabel's choice checked before
             check_affine(path, d[key].affine.numpy(), d[key].shape[1:])
         return d
