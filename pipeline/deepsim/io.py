@@ -17,8 +17,8 @@ import nibabel as nib
 import numpy as np
 from isal import igzip
 
-from deepsim.grid_check import check_affine
 from deepsim.errors import DatasetError
+from deepsim.grid_check import check_affine
 
 __all__ = ["atomic_write", "load_displacement", "load_volume", "make_staging_dir", "read_image", "save_displacement",
            "save_itk_affine", "save_like", "save_volume", "file_mode", "has_shear", "affine_in_mm",

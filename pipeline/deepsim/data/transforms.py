@@ -40,9 +40,9 @@ from monai.transforms import (
     Spacingd,
 )
 
-from deepsim.grid_check import check_affine, check_extent
 from deepsim.data.synthesis import SynthesizeT1d
 from deepsim.errors import DatasetError, first_line
+from deepsim.grid_check import check_affine, check_extent
 from deepsim.io import affine_in_mm
 
 __all__ = [
