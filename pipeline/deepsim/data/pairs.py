@@ -17,10 +17,10 @@ import torch
 from monai.data import MetaTensor
 from torch.utils.data import Dataset
 
-from deepsim.grid_check import check_affine
 from deepsim.data.datasets import DATALIST, _publish, load_datalist, write_volume
 from deepsim.data.synthesis import sample_synthesis_params, synthesize_t1
 from deepsim.errors import DatasetError, first_line
+from deepsim.grid_check import check_affine
 from deepsim.io import make_staging_dir
 
 __all__ = ["PairDataset", "SubjectImages", "make_toy_dataset"]
