@@ -8,7 +8,8 @@ and the table of failed subjects.
 Robust z-score of a value x among a metric's values X: ``z = (x − median(X)) / (1.4826 · MAD(X))``, MAD the median
 absolute deviation (1.4826 · MAD estimates the standard deviation of normal data while ignoring the outliers
 themselves); a subject is flagged for a metric where ``|z| > threshold`` (3.5, Iglewicz and Hoaglin's cut-off).
-A metric whose MAD is 0 flags nothing (e.g. folding 0 % everywhere).
+A metric whose MAD is 0 flags nothing (e.g. folding 0 % everywhere), nor does one with fewer than
+:data:`MIN_SUBJECTS` finite values (a median and MAD of three values say little).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["robust_z", "flag_outliers", "overlay_png", "render_report", "OUTLIER_THRESHOLD"]
+__all__ = ["robust_z", "flag_outliers", "overlay_png", "render_report", "OUTLIER_THRESHOLD", "MIN_SUBJECTS"]
 
 OUTLIER_THRESHOLD = 3.5
+MIN_SUBJECTS = 5
 
 
 def robust_z(values: Sequence[float]) -> np.ndarray:
@@ -43,7 +45,10 @@ def flag_outliers(rows: list[dict], metrics: Sequence[str], threshold: float = O
     """Per row, the metrics whose robust z-score exceeds ``threshold`` in absolute value."""
     flags: list[list[str]] = [[] for _ in rows]
     for metric in metrics:
-        z = robust_z([_number(row.get(metric)) for row in rows])
+        values = [_number(row.get(metric)) for row in rows]
+        if sum(math.isfinite(v) for v in values) < MIN_SUBJECTS:
+            continue
+        z = robust_z(values)
         for i, value in enumerate(z):
             if np.isfinite(value) and abs(value) > threshold:
                 flags[i].append(f"{metric} (z {value:+.1f})")
@@ -86,7 +91,7 @@ def overlay_png(image: np.ndarray, template: np.ndarray, title: str, dpi: int = 
 
 
 _STYLE = """body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
-td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}td.l{text-align:left}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee;text-align:left}td.l{text-align:left}
 tr.outlier td{background:#fde2e2}img{max-width:100%}figure{margin:1em 0}figcaption{font-size:90%}"""
 
 
@@ -108,7 +113,8 @@ def render_report(title: str, rows: list[dict], metrics: Sequence[str], failures
              f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     parts += [f"<p>{html.escape(note)}</p>" for note in notes]
     parts.append(f"<h2>Metrics ({len(rows)} registered, {len(failures)} failed)</h2>"
-                 f"<p>Outliers: |robust z| &gt; {OUTLIER_THRESHOLD} (median and MAD of each metric).</p><table><tr>"
+                 f"<p>Outliers: |robust z| &gt; {OUTLIER_THRESHOLD} (median and MAD of each metric; with at least "
+                 f"{MIN_SUBJECTS} subjects).</p><table><tr>"
                  "<th>subject</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in metrics) + "<th>outlier in</th></tr>")
     for row, flag in zip(rows, flags):
         css = ' class="outlier"' if flag else ""

@@ -197,6 +197,9 @@ def run_participant(items: list[CohortItem], out_dir: str | Path, template: Temp
     model = resolve_model(settings.model, device)
     run = _Run(out_dir, template, settings.fingerprint(template, str(model.checkpoint)))
     names = {item.prefix: output_names(item, template.name, template.atlas_name) for item in items}
+    for item in items[rank::world_size]:  # staging folders a killed run left behind (ours: this rank's items)
+        for stale in out_dir.glob(f".{item.prefix}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
     mine = [item for item in items[rank::world_size] if not is_complete(out_dir, item, run.settings)]
     if not mine:
         return run
