@@ -114,3 +114,35 @@ def test_output_never_inside_the_raw_dataset_except_derivatives(tmp_path):
     for bad in (raw, raw / "sub-01", tmp_path):
         with pytest.raises(OutputError):
             check_output_location(raw, bad)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_the_subjects_by_striding_and_finish_them_all(tmp_path):
+    """2 gloo ranks on the CPU: rank r registers subjects r, r + 2, ...; every subject ends complete."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from deepsim.data.example_study import make_example_dataset
+    from deepsim.engine.checkpoints import save_checkpoint
+    from deepsim.registration.network import RegistrationNet
+
+    raw = make_example_dataset(tmp_path / "raw", n_subjects=4, spacing_mm=4.0, seed=2)
+    kwargs = dict(spatial_dims=3, in_channels=1, channels=[4, 8, 8])
+    model = save_checkpoint(tmp_path / "model.pt", RegistrationNet(**kwargs), "registration_net", kwargs,
+                            meta={"similarity": "ncc", "spacing_mm": 4.0})
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "deepsim.cli", "cohort", str(raw), str(out), "participant", "--template", "MNI152NLin2009aSym:res-4",
+               "--model", str(model), "--speed", "fast", "--no-progress"]
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = {}
+    for marker in sorted(out.glob("sub-*/anat/*_registration.json")):
+        summary = json.loads(marker.read_text())
+        ranks[summary["subject"]] = summary["rank"]
+    assert ranks == {"01": 0, "02": 1, "03": 0, "04": 1}
+    assert (out / "failures.csv").read_text().splitlines() == ["subject,session,t1w,error,time"]
