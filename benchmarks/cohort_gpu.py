@@ -12,7 +12,7 @@ Two steps, because a GPU call carries at most 64 MiB (24 synthetic 1 mm subjects
      registered (the default accurate path: affine, the shipped network, instance optimisation 50/30/15), every
      derivative written; peak GPU memory (``torch.cuda.max_memory_allocated``) and peak host RSS (sampled);
    - the same subjects one at a time (batch 1, no workers): the Dice the batch must keep;
-   - FireANTs 1.5 batched (affine, then greedy, the settings of ``deepsim.registration.classical.FireANTs``) on the
+   - FireANTs 1.5 batched (affine, then greedy, the settings of ``deepsim.peers.fireants.FireANTs``) on the
      same subjects, each first resampled onto the template grid in world coordinates (FireANTs batches one shape);
      Dice of the subject's DK labels carried by its field, against the template atlas; registration time only.
 
@@ -104,8 +104,8 @@ def _fireants(raw: Path, template, batch: int, device: str) -> dict:
     from deepsim.data.bids import find_t1w
     from deepsim.evaluation.dice import dice_per_label, mean_dice
     from deepsim.io import read_image
-    from deepsim.registration.classical import FireANTs
-    from deepsim.registration.geometry import Grid, grid_points, sample_at
+    from deepsim.peers.fireants import FireANTs
+    from deepsim.geometry import Grid, grid_points, sample_at
     from deepsim.registration.inference import NativeImage, normalise_intensity
 
     cfg = FireANTs()

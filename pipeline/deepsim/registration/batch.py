@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from deepsim.registration.geometry import Grid, resample_onto
+from deepsim.geometry import Grid, resample_onto
 from deepsim.registration.instance import InstanceResult
 from deepsim.registration.pipeline import Registrar, Registration
 

@@ -186,10 +186,10 @@ def _registrar(model, speed: str, device: torch.device):
 def run_participant(items: list[CohortItem], out_dir: str | Path, template: Template, settings: CohortSettings,
                     rank: int = 0, world_size: int = 1, overwrite: bool = False) -> _Run:
     """Register this rank's share of ``items`` (module docstring); returns the run's record (done, failed)."""
-    from deepsim.registration.geometry import Grid
+    from deepsim.geometry import Grid
     from deepsim.registration.inference import NativeImage, normalise_intensity
     from deepsim.registration.model import resolve_model
-    from deepsim.registration.similarity import LocalNCCLoss
+    from deepsim.losses.ncc import LocalNCCLoss
 
     out_dir = Path(out_dir)
     device = torch.device(settings.device)

@@ -35,7 +35,7 @@ from deepsim.data.bids import CohortItem
 from deepsim.evaluation.dice import dice_per_label, mean_dice
 from deepsim.evaluation.jacobian import folding_percent, jacobian_determinant, std_log_jacobian
 from deepsim.io import atomic_write, save_displacement, save_volume, smallest_label_dtype
-from deepsim.registration.geometry import Grid, apply_affine, grid_points, sample_at
+from deepsim.geometry import Grid, apply_affine, grid_points, sample_at
 from deepsim.registration.inverse import invert_displacement
 from deepsim.registration.pipeline import Registration
 from deepsim.spatial import ddf_voxel_to_world, ddf_world_to_voxel
