@@ -312,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output NIfTI path (.nii.gz or .nii); never one of the inputs")
     wp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     wp.add_argument("--label", action="store_true", help="nearest-neighbour resampling of a label map")
+    _add_cohort_parsers(sub)
     sy = sub.add_parser(
         "sync-runs",
         help="copy MLflow runs from one tracking store to another (e.g. a local fallback store to the server)",
@@ -328,6 +329,74 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():
         _add_verbosity(command, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_cohort_parsers(sub) -> None:
+    """``deepsim cohort`` (a BIDS App: BIDS_DIR OUTPUT_DIR participant|group) and ``deepsim cohort-example``."""
+    co = sub.add_parser(
+        "cohort", help="register a whole BIDS study to a template and back; group QC report (docs/cohort.md)",
+        description="participant: register every T1w image of BIDS_DIR (or of --subjects CSV) to the template and "
+        "write BIDS derivatives into OUTPUT_DIR (the T1w in template space, both transforms as ITK displacement "
+        "fields, the atlas in each subject, the Jacobian determinant); subjects already complete are skipped, a "
+        "failed subject is recorded (failures.csv) and the others go on (exit 1 at the end). group: the metrics "
+        "table, outliers and overlays in OUTPUT_DIR/group_report.html, one MLflow run for the study. Under torchrun "
+        "the subjects are shared among the ranks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    co.add_argument("bids_dir", type=Path, metavar="BIDS_DIR", help="the BIDS dataset (read only; '-' with --subjects)")
+    co.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="the derivatives folder")
+    co.add_argument("analysis_level", choices=["participant", "group"], help="participant or group")
+    co.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL", help="only these subjects")
+    co.add_argument("--subjects", type=Path, default=None, metavar="CSV",
+                    help="instead of BIDS_DIR: a CSV with columns subject, t1w[, session, labels]")
+    co.add_argument("--template", default=None, help="MNI152NLin2009aSym[:res-N] (shipped, the default) or a NIfTI T1")
+    co.add_argument("--atlas", default=None, help="label map on the template's grid (default: its tissue classes)")
+    co.add_argument("--labels-dir", default=None, help="derivatives with sub-X[_ses-Y]_desc-<atlas>_dseg.nii.gz "
+                    "per subject, in the atlas's labels, for Dice")
+    co.add_argument("--speed", choices=["accurate", "fast"], default="accurate",
+                    help="fast: instance optimisation stops at half resolution (the CPU schedule)")
+    co.add_argument("--model", default=None, help="registration model (as deepsim register --model); default shipped")
+    co.add_argument("--device", type=_device, default="cpu", help="torch device (under torchrun: each rank's GPU)")
+    co.add_argument("--batch-size", type=_PAIRS, default=1, help="subjects registered together")
+    co.add_argument("--workers", type=_COUNT, default=0, help="DataLoader processes reading the images")
+    co.add_argument("--tracking-uri", default=None, help="MLflow URI (group; default sqlite:///OUTPUT_DIR/mlflow.db)")
+    co.add_argument("--overwrite", action="store_true", help="write into a non-empty folder deepsim did not create")
+    co.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ex = sub.add_parser("cohort-example", help="write a small BIDS study made from the embedded brains",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ex.add_argument("bids_dir", type=Path, metavar="BIDS_DIR", help="a new or empty folder")
+    ex.add_argument("--subjects", type=_PAIRS, default=8, help="number of subjects")
+    ex.add_argument("--spacing", type=_POSITIVE, default=2.0, metavar="MM", help="voxel size")
+    ex.add_argument("--seed", type=_SEED, default=0, help="random seed")
+
+
+def _cohort(args: argparse.Namespace) -> int:
+    from deepsim.errors import DatasetError
+
+    if args.analysis_level == "group":
+        from deepsim.workflows.cohort_group import run_group
+
+        result = run_group(args.output_dir, args.tracking_uri, "deepsim " + " ".join(sys.argv[1:]))
+        print(f"{len(result['rows'])} subjects, {len(result['failed'])} failed: {result['report']}")
+        if result["failed"]:
+            raise DatasetError(f"{len(result['failed'])} subject(s) failed; see {result['failures']}")
+        return 0
+    from deepsim.workflows.cohort import CohortSettings, run_cohort
+
+    bids_dir = None if str(args.bids_dir) == "-" else args.bids_dir
+    if bids_dir is None and args.subjects is None:
+        raise UsageError("BIDS_DIR '-' needs --subjects CSV")
+    settings = CohortSettings(template=args.template, atlas=args.atlas, speed=args.speed, model=args.model,
+                              device=args.device, batch_size=args.batch_size, workers=args.workers,
+                              labels_dir=args.labels_dir, progress=not args.no_progress)
+    run, total = run_cohort(bids_dir, args.output_dir, settings, args.participant_label, args.subjects,
+                            args.overwrite)
+    print(f"{len(run.done)} registered, {total - len(run.done) - len(run.failed)} already complete or another "
+          f"rank's, {len(run.failed)} failed: {args.output_dir}")
+    if run.failed:
+        first = next(iter(run.failed.items()))
+        raise DatasetError(f"{len(run.failed)} subject(s) failed ({first[0]}: {first[1]}); see "
+                           f"{args.output_dir / 'failures.csv'}")
+    return 0
 
 
 def _user_error(exc: BaseException) -> DeepsimError | None:
@@ -589,6 +658,13 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args, ["deepsim", *(sys.argv[1:] if argv is None else argv)])
         if args.command == "register":
             return _register(args)
+        if args.command == "cohort":
+            return _cohort(args)
+        if args.command == "cohort-example":
+            from deepsim.data.example_study import make_example_dataset
+
+            print(make_example_dataset(args.bids_dir, args.subjects, args.spacing, args.seed))
+            return 0
         if args.command == "warp":
             from deepsim.registration.inference import apply_field
 
