@@ -12,6 +12,7 @@ training device with :meth:`LabelBank.load`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,8 +92,7 @@ class LabelBank:
                     fh, format=np.int64(_FORMAT), maps=self.maps.cpu().numpy(), affine=np.asarray(self.affine),
                     class_values=np.asarray(self.class_values, dtype=np.int64),
                     class_names=np.asarray(self.class_names, dtype=str), sources=np.asarray(self.sources, dtype=str),
-                    meta_keys=np.asarray(list(self.meta), dtype=str),
-                    meta_values=np.asarray([str(v) for v in self.meta.values()], dtype=str),
+                    meta=np.asarray(json.dumps(self.meta)),
                 )
 
         return atomic_write(path, write)
@@ -109,7 +109,7 @@ class LabelBank:
                 return cls(maps.to(device), np.asarray(z["affine"], dtype=np.float64),
                            tuple(int(v) for v in z["class_values"]), tuple(str(n) for n in z["class_names"]),
                            tuple(str(s) for s in z["sources"]),
-                           dict(zip((str(k) for k in z["meta_keys"]), (str(v) for v in z["meta_values"]))))
+                           json.loads(str(z["meta"])))
         except FileNotFoundError:
             raise DatasetError(f"{path} does not exist; make it with python -m deepsim.data.label_bank_build") from None
         except (OSError, KeyError, ValueError) as exc:

@@ -19,6 +19,7 @@ __all__ = [
     "coarse_shape",
     "normalised_grid",
     "voxels_to_normalised",
+    "positions_to_displacement",
     "resize",
     "sample",
     "integrate_velocity",
@@ -49,6 +50,14 @@ def _half_extent(shape: Sequence[int], device: torch.device, dtype: torch.dtype)
 def voxels_to_normalised(field: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Displacements (B, ndim, ...) in voxels of a grid of ``shape`` → normalised units (divide by (n - 1) / 2)."""
     return field / _half_extent(shape, field.device, field.dtype)
+
+
+def positions_to_displacement(positions: torch.Tensor) -> torch.Tensor:
+    """Normalised positions (B, ndim, *S) → displacement in voxels (B, ndim, *S), :mod:`deepsim.spatial`'s field:
+    ``warped[x] = image[x + u(x)]``."""
+    shape = positions.shape[2:]
+    return (positions - normalised_grid(shape, positions.device)) * _half_extent(shape, positions.device,
+                                                                                 positions.dtype)
 
 
 def resize(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

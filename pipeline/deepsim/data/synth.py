@@ -43,6 +43,7 @@ from deepsim.data.random_fields import (
     coarse_shape,
     integrate_velocity,
     normalised_grid,
+    positions_to_displacement,
     resize,
     sample,
     voxels_to_normalised,
@@ -278,6 +279,12 @@ class LabelPairSynth:
         v = resize(voxels_to_normalised(velocity, self.shape), self.integration_shape)
         displacement = resize(integrate_velocity(v, self.integration_steps), self.shape)
         return apply_affine_normalised(affine, normalised_grid(self.shape, velocity.device) + displacement)
+
+    def displacement(self, params: PairParams) -> torch.Tensor:
+        """Each image's whole warp as a displacement (B, 2, ndim, *S) in voxels, :mod:`deepsim.spatial`'s
+        convention: ``label = warp_labels(base_label, u)`` before the flips."""
+        positions = self.positions(params.velocity.flatten(0, 1), params.affine.flatten(0, 1))
+        return positions_to_displacement(positions).view(params.batch_size, 2, self.ndim, *self.shape)
 
     def _base_maps(self, params: PairParams) -> torch.Tensor:
         """The unwarped label map of every image, (2B, 1, *S) long."""
