@@ -5,7 +5,8 @@ isotropic RAS grid (``affine``, voxel → RAS mm), the table ``class_values[k]``
 Desikan–Killiany numbering (0 background, 1..83 DK, plus :data:`WHITE_MATTER` and :data:`CSF`), the class names,
 and the source of every map (``"donor:9861"``, ``"fsaverage"``).
 
-Built once on the CPU (:mod:`deepsim.data.label_bank_build`, ``python -m deepsim.data.label_bank_build``) and
+Built once on the CPU (:mod:`deepsim.data.label_bank_build`; ``python -m deepsim.data.label_bank --spacing 1 --out
+bank_1mm.npz [--fsaverage]`` runs its command line) and
 saved as one compressed ``.npz`` (a 1 mm bank of 160×192×160 maps is a few hundred kB per map), then loaded onto the
 training device with :meth:`LabelBank.load`.
 """
@@ -114,3 +115,11 @@ class LabelBank:
             raise DatasetError(f"{path} does not exist; make it with python -m deepsim.data.label_bank_build") from None
         except (OSError, KeyError, ValueError) as exc:
             raise DatasetError(f"{path} is not a label bank ({type(exc).__name__}: {exc})") from None
+
+
+if __name__ == "__main__":  # the builder's command line, under the name of the file it makes
+    import sys
+
+    from deepsim.data.label_bank_build import main
+
+    sys.exit(main())
