@@ -119,7 +119,8 @@ def _fields(bank: LabelBank, args: argparse.Namespace) -> list[dict]:
             norm = u.norm(dim=1).flatten()
             top.append(float(norm.max()))
             p99.append(float(torch.quantile(norm[:: max(1, norm.numel() // 2_000_000)], 0.99)))
-        rows.append({"velocity_std_max": synth.velocity_std * factor, "folding_percent_mean": float(np.mean(folding)),
+        rows.append({"velocity_std_max": synth.options.velocity_std * factor,
+                     "folding_percent_mean": float(np.mean(folding)),
                      "folding_percent_max": float(np.max(folding)), "displacement_max_vox": float(np.max(top)),
                      "displacement_p99_vox_mean": float(np.mean(p99))})
     return rows
@@ -165,8 +166,9 @@ def main() -> None:
     lines += ["", "| velocity std max (vox) | folding % mean | folding % max | max |u| (vox) | p99 |u| (vox) |",
               "|---:|---:|---:|---:|---:|"]
     for r in results["fields"]:
-        lines.append(f"| {r['velocity_std_max']:.1f} | {r['folding_percent_mean']:.4f} | {r['folding_percent_max']:.4f} "
-                     f"| {r['displacement_max_vox']:.2f} | {r['displacement_p99_vox_mean']:.2f} |")
+        lines.append(f"| {r['velocity_std_max']:.1f} | {r['folding_percent_mean']:.4f} | "
+                     f"{r['folding_percent_max']:.4f} | {r['displacement_max_vox']:.2f} | "
+                     f"{r['displacement_p99_vox_mean']:.2f} |")
     (args.out / "synth_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -112,7 +112,7 @@ def test_default_deformation_does_not_fold():
     shape = (48, 48, 48)  # 1/16 resolution: the same smoothness in voxels as on a 1 mm brain grid
     synth = LabelPairSynth(None, shape=shape, num_classes=K, shapes_classes=K)
     params = synth.sample(4, _gen(0))
-    strongest = torch.randn(params.velocity.shape, generator=_gen(1)) * synth.velocity_std  # the range's top
+    strongest = torch.randn(params.velocity.shape, generator=_gen(1)) * synth.options.velocity_std  # the range's top
     params = dataclasses.replace(params, velocity=strongest)
     u = synth.displacement(params).flatten(0, 1)
     assert float(u.abs().amax()) > 2.0  # it does deform

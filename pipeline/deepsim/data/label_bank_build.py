@@ -127,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--roi", type=int, nargs=3, default=None, help="grid size (default: the dataset's ROI)")
     parser.add_argument("--donors", nargs="+", default=list(DEFAULT_TRAIN_DONORS), help="training donors")
     parser.add_argument("--fsaverage", action="store_true",
-                        help="add FreeSurfer's fsaverage aparc+aseg (optional extra deepsim[fsaverage], FreeSurfer licence)")
+                        help="add FreeSurfer's fsaverage aparc+aseg (optional extra deepsim[fsaverage], "
+                             "FreeSurfer licence)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the donor alignment (as the dataset's)")
     args = parser.parse_args(argv)
     try:

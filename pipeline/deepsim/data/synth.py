@@ -56,7 +56,7 @@ from deepsim.data.random_fields import (
 )
 from deepsim.data.shapes import shapes_label_map
 
-__all__ = ["PairParams", "LabelPairSynth"]
+__all__ = ["PairParams", "SynthOptions", "LabelPairSynth"]
 
 _SHAPES = -1  # source index of a shapes map
 
@@ -92,14 +92,14 @@ class PairParams:
         return PairParams(**moved)
 
 
-class LabelPairSynth:
-    """Random (moving, fixed) image pairs with their label maps, synthesised from a label bank on its device.
+@dataclass(frozen=True)
+class SynthOptions:
+    """The generator's ranges (defaults: SynthMorph's, DESIGN §9). Geometry in voxels of the bank grid.
 
     Args:
-        bank: label maps (N, *S) of K classes; None for shapes only (then give ``shape`` and ``num_classes``).
         shapes_probability: chance that a pair is made from one random shapes map instead of two bank maps.
         shapes_classes: labels J of a shapes map (≤ K); shapes_scales: noise grid spacings in voxels.
-        shapes_warp_std: max std of the shapes map's own velocity noise, voxels.
+        shapes_warp_std: std of the shapes map's own velocity noise, voxels.
         velocity_std: each image's velocity noise has std U(0, velocity_std) voxels, drawn on a grid
             ``velocity_resolution`` (16) times coarser; integrated in ``integration_steps`` on a grid
             ``integration_shrink`` times coarser than the bank's (1: full resolution).
@@ -116,90 +116,83 @@ class LabelPairSynth:
         noise_std: additive Gaussian noise std U(0, noise_std).
         flip_axes, flip_probability: each listed axis flips both images and labels of a pair with this chance.
         same_contrast: the fixed image takes the moving image's class means, stds and gamma.
-        shape, num_classes, device: the grid, class count and device when ``bank`` is None.
     """
 
-    def __init__(
-        self,
-        bank: LabelBank | None,
-        *,
-        shapes_probability: float = 0.0,
-        shapes_classes: int = 26,
-        shapes_scales: Sequence[float] = (32.0, 16.0),
-        shapes_warp_std: float = 8.0,
-        velocity_std: float = 6.0,
-        velocity_resolution: float = 16.0,
-        integration_steps: int = 5,
-        integration_shrink: int = 2,
-        max_rotation_deg: float = 10.0,
-        max_scale: float = 0.08,
-        max_shear: float = 0.0,
-        max_shift: float = 4.0,
-        label_interpolation: str = "nearest",
-        mean_range: tuple[float, float] = (25 / 255, 225 / 255),
-        std_range: tuple[float, float] = (5 / 255, 25 / 255),
-        zero_background_probability: float = 0.2,
-        blur_max: float = 1.0,
-        bias_std: float = 0.3,
-        bias_resolution: float = 40.0,
-        gamma_std: float = 0.25,
-        thick_slice_probability: float = 0.0,
-        max_slice_thickness: float = 4.0,
-        noise_std: float = 0.02,
-        flip_axes: Sequence[int] = (0,),
-        flip_probability: float = 0.5,
-        same_contrast: bool = False,
-        shape: Sequence[int] | None = None,
-        num_classes: int | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
+    shapes_probability: float = 0.0
+    shapes_classes: int = 26
+    shapes_scales: tuple[float, ...] = (32.0, 16.0)
+    shapes_warp_std: float = 8.0
+    velocity_std: float = 6.0
+    velocity_resolution: float = 16.0
+    integration_steps: int = 5
+    integration_shrink: int = 2
+    max_rotation_deg: float = 10.0
+    max_scale: float = 0.08
+    max_shear: float = 0.0
+    max_shift: float = 4.0
+    label_interpolation: str = "nearest"
+    mean_range: tuple[float, float] = (25 / 255, 225 / 255)
+    std_range: tuple[float, float] = (5 / 255, 25 / 255)
+    zero_background_probability: float = 0.2
+    blur_max: float = 1.0
+    bias_std: float = 0.3
+    bias_resolution: float = 40.0
+    gamma_std: float = 0.25
+    thick_slice_probability: float = 0.0
+    max_slice_thickness: float = 4.0
+    noise_std: float = 0.02
+    flip_axes: tuple[int, ...] = (0,)
+    flip_probability: float = 0.5
+    same_contrast: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("shapes_probability", "zero_background_probability", "thick_slice_probability",
+                     "flip_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.label_interpolation not in ("nearest", "linear"):
+            raise ValueError(f"label_interpolation must be 'nearest' or 'linear', got {self.label_interpolation!r}")
+        if self.integration_steps < 0 or self.integration_shrink < 1 or self.max_slice_thickness < 1:
+            raise ValueError("need integration_steps >= 0, integration_shrink >= 1, max_slice_thickness >= 1")
+        if not (0 < self.mean_range[0] <= self.mean_range[1] and 0 <= self.std_range[0] <= self.std_range[1]):
+            raise ValueError(f"bad intensity ranges: mean_range {self.mean_range}, std_range {self.std_range}")
+        object.__setattr__(self, "flip_axes", tuple(int(a) for a in self.flip_axes))
+        object.__setattr__(self, "shapes_scales", tuple(float(s) for s in self.shapes_scales))
+
+
+class LabelPairSynth:
+    """Random (moving, fixed) image pairs with their label maps, synthesised from a label bank on its device.
+
+    Args:
+        bank: label maps (N, *S) of K classes; None for shapes only (then give ``shape`` and ``num_classes``).
+        shape, num_classes, device: the grid, class count and device when ``bank`` is None.
+        **options: :class:`SynthOptions` fields (``LabelPairSynth(bank, velocity_std=4.0)``); ``self.options``
+            holds them all (``dataclasses.asdict`` for a run's parameters).
+    """
+
+    def __init__(self, bank: LabelBank | None, *, shape: Sequence[int] | None = None, num_classes: int | None = None,
+                 device: torch.device | str | None = None, **options: object) -> None:
         if bank is None:
             if shape is None or num_classes is None:
                 raise ValueError("without a bank give shape and num_classes (shapes-only generator)")
-            shapes_probability = 1.0
+            options["shapes_probability"] = 1.0
             self.shape, self.num_classes = tuple(int(n) for n in shape), int(num_classes)
             self.device = torch.device(device or "cpu")
         else:
             self.shape, self.num_classes, self.device = bank.shape, bank.num_classes, bank.device
-        self.bank = bank
-        self.ndim = len(self.shape)
-        for name, value in [("shapes_probability", shapes_probability), ("zero_background_probability",
-                            zero_background_probability), ("thick_slice_probability", thick_slice_probability),
-                            ("flip_probability", flip_probability)]:  # fmt: skip
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        if shapes_probability > 0 and not 2 <= shapes_classes <= self.num_classes:
-            raise ValueError(f"shapes_classes must be in [2, {self.num_classes}] (the classes), got {shapes_classes}")
-        if bank is not None and len(bank) == 0 and shapes_probability < 1:
+        self.bank, self.ndim = bank, len(self.shape)
+        self.options = o = SynthOptions(**options)  # type: ignore[arg-type]
+        if self.ndim not in (2, 3):
+            raise ValueError(f"the grid must be 2D or 3D, got shape {self.shape}")
+        if o.shapes_probability > 0 and not 2 <= o.shapes_classes <= self.num_classes:
+            raise ValueError(f"shapes_classes must be in [2, {self.num_classes}] (the classes), got {o.shapes_classes}")
+        if bank is not None and len(bank) == 0 and o.shapes_probability < 1:
             raise ValueError("the bank is empty: use shapes_probability=1")
-        if label_interpolation not in ("nearest", "linear"):
-            raise ValueError(f"label_interpolation must be 'nearest' or 'linear', got {label_interpolation!r}")
-        if any(a not in range(self.ndim) for a in flip_axes):
-            raise ValueError(f"flip_axes must be spatial axes 0..{self.ndim - 1}, got {tuple(flip_axes)}")
-        if self.ndim not in (2, 3) or integration_steps < 0 or integration_shrink < 1 or max_slice_thickness < 1:
-            raise ValueError("need a 2D/3D grid, integration_steps >= 0, integration_shrink >= 1, "
-                             "max_slice_thickness >= 1")
-        if not (0 < mean_range[0] <= mean_range[1] and 0 <= std_range[0] <= std_range[1]):
-            raise ValueError(f"bad intensity ranges: mean_range {mean_range}, std_range {std_range}")
-        self.options = dict(
-            shapes_probability=float(shapes_probability), shapes_classes=int(shapes_classes),
-            shapes_scales=tuple(float(s) for s in shapes_scales), shapes_warp_std=float(shapes_warp_std),
-            velocity_std=float(velocity_std), velocity_resolution=float(velocity_resolution),
-            integration_steps=int(integration_steps), integration_shrink=int(integration_shrink),
-            max_rotation_deg=float(max_rotation_deg), max_scale=float(max_scale), max_shear=float(max_shear),
-            max_shift=float(max_shift), label_interpolation=label_interpolation,
-            mean_range=tuple(float(v) for v in mean_range), std_range=tuple(float(v) for v in std_range),
-            zero_background_probability=float(zero_background_probability), blur_max=float(blur_max),
-            bias_std=float(bias_std), bias_resolution=float(bias_resolution), gamma_std=float(gamma_std),
-            thick_slice_probability=float(thick_slice_probability), max_slice_thickness=float(max_slice_thickness),
-            noise_std=float(noise_std), flip_axes=tuple(int(a) for a in flip_axes),
-            flip_probability=float(flip_probability), same_contrast=bool(same_contrast),
-        )  # fmt: skip
-        for key, value in self.options.items():
-            setattr(self, key, value)
-        self.velocity_shape = coarse_shape(self.shape, self.velocity_resolution)
-        self.integration_shape = coarse_shape(self.shape, self.integration_shrink)
-        self.bias_shape = coarse_shape(self.shape, self.bias_resolution)
+        if any(a not in range(self.ndim) for a in o.flip_axes):
+            raise ValueError(f"flip_axes must be spatial axes 0..{self.ndim - 1}, got {o.flip_axes}")
+        self.velocity_shape = coarse_shape(self.shape, self.options.velocity_resolution)
+        self.integration_shape = coarse_shape(self.shape, self.options.integration_shrink)
+        self.bias_shape = coarse_shape(self.shape, self.options.bias_resolution)
 
     # ------------------------------------------------------------------ drawing
     def sample(self, batch_size: int, generator: torch.Generator) -> PairParams:
@@ -208,7 +201,7 @@ class LabelPairSynth:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if generator.device.type != self.device.type:
             raise ValueError(f"the generator is on {generator.device}, the bank on {self.device}")
-        b, nd, k, dev = int(batch_size), self.ndim, self.num_classes, self.device
+        b, nd, k, dev, o = int(batch_size), self.ndim, self.num_classes, self.device, self.options
 
         def u(*shape: int, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
             return low + (high - low) * torch.rand(shape, generator=generator, device=dev)
@@ -223,37 +216,37 @@ class LabelPairSynth:
         first = (u(b) * count).long().clamp_max(max(count - 1, 0))
         second = (u(b) * max(count - 1, 1)).long().clamp_max(max(count - 2, 0))
         second = torch.where(second >= first, second + 1, second) if count >= 2 else first
-        shapes = u(b) < self.shapes_probability
+        shapes = u(b) < o.shapes_probability
         sources = torch.where(shapes[:, None], torch.full((b, 2), _SHAPES, device=dev),
                               torch.stack([first, second], 1))
-        j = self.shapes_classes
+        j = o.shapes_classes
         shapes_noise = tuple(n(b, j, *coarse_shape(self.shape, s)) * u(b, j, *[1] * nd)
-                             for s in self.shapes_scales)  # fmt: skip
-        shapes_velocity = n(b, nd, *self.velocity_shape) * self.shapes_warp_std
-        velocity = n(b, 2, nd, *self.velocity_shape) * per_item(u(b, 2, high=self.velocity_std), nd + 1)
-        angles = u(b, 2, 1 if nd == 2 else 3, low=-1, high=1) * math.radians(self.max_rotation_deg)
-        log_scales = u(b, 2, nd, low=math.log(1 - self.max_scale), high=math.log(1 + self.max_scale))
-        shears = u(b, 2, nd * (nd - 1) // 2, low=-1, high=1) * self.max_shear
-        shifts = u(b, 2, nd, low=-1, high=1) * self.max_shift
+                             for s in o.shapes_scales)  # fmt: skip
+        shapes_velocity = n(b, nd, *self.velocity_shape) * o.shapes_warp_std
+        velocity = n(b, 2, nd, *self.velocity_shape) * per_item(u(b, 2, high=o.velocity_std), nd + 1)
+        angles = u(b, 2, 1 if nd == 2 else 3, low=-1, high=1) * math.radians(o.max_rotation_deg)
+        log_scales = u(b, 2, nd, low=math.log(1 - o.max_scale), high=math.log(1 + o.max_scale))
+        shears = u(b, 2, nd * (nd - 1) // 2, low=-1, high=1) * o.max_shear
+        shifts = u(b, 2, nd, low=-1, high=1) * o.max_shift
         affine = affine_matrices(angles.flatten(0, 1), log_scales.flatten(0, 1), shears.flatten(0, 1),
                                  shifts.flatten(0, 1)).view(b, 2, nd, nd + 1)
-        means = u(b, 2, k, low=self.mean_range[0], high=self.mean_range[1])
-        stds = u(b, 2, k, low=self.std_range[0], high=self.std_range[1])
-        zero = u(b, 2) < self.zero_background_probability
+        means = u(b, 2, k, low=o.mean_range[0], high=o.mean_range[1])
+        stds = u(b, 2, k, low=o.std_range[0], high=o.std_range[1])
+        zero = u(b, 2) < o.zero_background_probability
         means[..., 0] = torch.where(zero, 0.0, means[..., 0])
         stds[..., 0] = torch.where(zero, 0.0, stds[..., 0])
-        blur = u(b, 2, nd, high=self.blur_max)
-        log_bias = n(b, 2, 1, *self.bias_shape) * per_item(u(b, 2, high=self.bias_std), nd + 1)
-        log_gamma = n(b, 2) * self.gamma_std
-        thick = u(b, 2) < self.thick_slice_probability
+        blur = u(b, 2, nd, high=o.blur_max)
+        log_bias = n(b, 2, 1, *self.bias_shape) * per_item(u(b, 2, high=o.bias_std), nd + 1)
+        log_gamma = n(b, 2) * o.gamma_std
+        thick = u(b, 2) < o.thick_slice_probability
         thick_axis = (u(b, 2) * nd).long().clamp_max(nd - 1)
-        thick_factor = torch.where(thick, u(b, 2, low=1.0, high=self.max_slice_thickness), 1.0)
-        noise_std = u(b, 2, high=self.noise_std)
+        thick_factor = torch.where(thick, u(b, 2, low=1.0, high=o.max_slice_thickness), 1.0)
+        noise_std = u(b, 2, high=o.noise_std)
         allowed = torch.zeros(nd, dtype=torch.bool, device=dev)
-        allowed[list(self.flip_axes)] = True
-        flips = (u(b, nd) < self.flip_probability) & allowed
+        allowed[list(o.flip_axes)] = True
+        flips = (u(b, nd) < o.flip_probability) & allowed
         seeds = torch.randint(0, 2**62, (b, 2), generator=generator, device=dev)
-        if self.same_contrast:
+        if o.same_contrast:
             means[:, 1], stds[:, 1], log_gamma[:, 1] = means[:, 0], stds[:, 0], log_gamma[:, 0]
         return PairParams(sources, shapes_noise, shapes_velocity, velocity, affine, means, stds, blur, log_bias,
                           log_gamma, thick_axis, thick_factor, noise_std, flips, seeds)
@@ -283,7 +276,7 @@ class LabelPairSynth:
 
         velocity: (B, ndim, *velocity grid) voxels; affine: (B, ndim, ndim + 1) voxels about the centre."""
         v = resize(voxels_to_normalised(velocity, self.shape), self.integration_shape)
-        displacement = resize(integrate_velocity(v, self.integration_steps), self.shape)
+        displacement = resize(integrate_velocity(v, self.options.integration_steps), self.shape)
         return apply_affine_normalised(affine, normalised_grid(self.shape, velocity.device) + displacement)
 
     def displacement(self, params: PairParams) -> torch.Tensor:
@@ -302,11 +295,11 @@ class LabelPairSynth:
         for i in torch.nonzero(params.sources[:, 0] == _SHAPES).flatten().tolist():  # one map per pair, used twice
             noise = tuple(s[i : i + 1] for s in params.shapes_noise)
             out[2 * i : 2 * i + 2] = shapes_label_map(noise, params.shapes_velocity[i : i + 1], self.shape,
-                                                      self.integration_shape, self.integration_steps)
+                                                      self.integration_shape, self.options.integration_steps)
         return out
 
     def _warp_labels(self, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self.label_interpolation == "nearest":  # class indices < 256 are exact in float32
+        if self.options.label_interpolation == "nearest":  # class indices < 256 are exact in float32
             return sample(labels.float(), positions, mode="nearest", padding_mode="zeros").long()
         best = torch.full_like(labels, 0, dtype=torch.float32)  # linear: argmax of warped one-hot, class by class
         out = torch.zeros_like(labels)
@@ -328,7 +321,7 @@ class LabelPairSynth:
         generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in params.seeds.flatten().tolist()]
         texture = torch.stack([torch.randn(labels.shape[1:], generator=g, device=self.device) for g in generators])
         x = means + stds * texture
-        x = blur_per_item(x, params.blur.flatten(0, 1), max_sigma=self.blur_max)
+        x = blur_per_item(x, params.blur.flatten(0, 1), max_sigma=self.options.blur_max)
         x = x * torch.exp(resize(params.log_bias.flatten(0, 1), self.shape))
         lo, hi = x.flatten(1).amin(1).view(view), x.flatten(1).amax(1).view(view)
         x = ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp_min(0)
