@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deepsim.data.label_bank import CSF, WHITE_MATTER, LabelBank
-from deepsim.data.label_bank_build import main as build_main
+from deepsim.workflows.label_bank import main as build_main
 from deepsim.data.label_bank_build import with_tissue_classes
 from deepsim.data.random_fields import affine_matrices, integrate_velocity, voxels_to_normalised
 from deepsim.data.synth import LabelPairSynth

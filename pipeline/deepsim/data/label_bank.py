@@ -5,8 +5,8 @@ isotropic RAS grid (``affine``, voxel → RAS mm), the table ``class_values[k]``
 Desikan–Killiany numbering (0 background, 1..83 DK, plus :data:`WHITE_MATTER` and :data:`CSF`), the class names,
 and the source of every map (``"donor:9861"``, ``"fsaverage"``).
 
-Built once on the CPU (:mod:`deepsim.data.label_bank_build`; ``python -m deepsim.data.label_bank --spacing 1 --out
-bank_1mm.npz [--fsaverage]`` runs its command line) and
+Built once on the CPU (:mod:`deepsim.data.label_bank_build`; command line: ``python -m deepsim.workflows.label_bank
+--spacing 1 --out bank_1mm.npz [--fsaverage]``) and
 saved as one compressed ``.npz`` (a 1 mm bank of 160×192×160 maps is a few hundred kB per map), then loaded onto the
 training device with :meth:`LabelBank.load`.
 """
@@ -112,14 +112,7 @@ class LabelBank:
                            tuple(str(s) for s in z["sources"]),
                            json.loads(str(z["meta"])))
         except FileNotFoundError:
-            raise DatasetError(f"{path} does not exist; make it with python -m deepsim.data.label_bank_build") from None
+            raise DatasetError(f"{path} does not exist; make it with python -m deepsim.workflows.label_bank") from None
         except (OSError, KeyError, ValueError) as exc:
             raise DatasetError(f"{path} is not a label bank ({type(exc).__name__}: {exc})") from None
 
-
-if __name__ == "__main__":  # the builder's command line, under the name of the file it makes
-    import sys
-
-    from deepsim.data.label_bank_build import main
-
-    sys.exit(main())

@@ -12,15 +12,14 @@ one nearest-neighbour resampling):
 - optionally FreeSurfer's fsaverage ``aparc+aseg`` (:mod:`deepsim.data.fsaverage`, FreeSurfer licence, optional
   extra), whose own white-matter and CSF labels are used.
 
-Command line::
+The affine fit is handed in (``aligner``), so this module stays below the registration layer; the command line
+that wires :func:`deepsim.registration.affine.estimate_affine` is :mod:`deepsim.workflows.label_bank`::
 
-    python -m deepsim.data.label_bank_build --spacing 1 --out bank_1mm.npz [--fsaverage]
+    python -m deepsim.workflows.label_bank --spacing 1 --out bank_1mm.npz [--fsaverage]
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,14 +37,14 @@ from deepsim.data.datasets import (
     write_volume,
 )
 from deepsim.data.embedded import EMBEDDED_DONORS, dk_label_names
-from deepsim.data.alignment import resample_to_grid
+from deepsim.data.alignment import Aligner, resample_to_grid
 from deepsim.data.fsaverage import fsaverage_aparc_aseg_path, freesurfer_to_dk_lut
 from deepsim.data.label_bank import CSF, EXTRA_LABEL_NAMES, WHITE_MATTER, LabelBank
 from deepsim.data.synthesis import brain_mask
 from deepsim.data.transforms import Chain, default_roi_size, loading_transforms
-from deepsim.errors import DatasetError, DeepsimError, exit_code, first_line
+from deepsim.errors import DatasetError
 
-__all__ = ["with_tissue_classes", "load_fsaverage", "build_label_bank", "main"]
+__all__ = ["with_tissue_classes", "load_fsaverage", "build_label_bank"]
 
 _BRAINSTEM = 83  # in fsaverage only: the embedded donors' maps have no brainstem
 
@@ -80,11 +79,12 @@ def load_fsaverage() -> dict:
     return item
 
 
-def build_label_bank(spacing_mm: float = 1.0, roi_size: Sequence[int] | None = None,
+def build_label_bank(aligner: Aligner, spacing_mm: float = 1.0, roi_size: Sequence[int] | None = None,
                      donors: Sequence[str] = DEFAULT_TRAIN_DONORS, fsaverage: bool = False, seed: int = 0,
                      progress: bool = True) -> LabelBank:
     """Label maps of ``donors`` (+ fsaverage) on the affine-aligned grid of ``prepare_embedded_brains`` (same
-    ``spacing_mm``, ``roi_size`` and ``seed``), compact class indices, uint8, on the CPU."""
+    ``spacing_mm``, ``roi_size``, ``seed`` and ``aligner``: :func:`deepsim.registration.affine.estimate_affine`
+    gives that grid), compact class indices, uint8, on the CPU."""
     donors = [str(d) for d in donors]
     leaked = sorted(set(donors) & set(DEFAULT_TEST_DONORS))
     if leaked:
@@ -101,7 +101,7 @@ def build_label_bank(spacing_mm: float = 1.0, roi_size: Sequence[int] | None = N
     if fsaverage:
         loaded["fsaverage"] = load_fsaverage()
         loaded["fsaverage"]["extended"] = loaded["fsaverage"]["extended"][0].numpy().astype(np.int16)
-    grid_affine, transforms = align_donors(loaded, REFERENCE_DONOR, float(spacing_mm), roi, seed, progress)
+    grid_affine, transforms = align_donors(loaded, REFERENCE_DONOR, float(spacing_mm), roi, seed, progress, aligner)
     maps = {name: resample_to_grid(item["extended"], item["label"].affine.numpy(), transforms[name], grid_affine,
                                    roi, is_label=True)
             for name, item in loaded.items()}  # fmt: skip
@@ -117,33 +117,3 @@ def build_label_bank(spacing_mm: float = 1.0, roi_size: Sequence[int] | None = N
         {"spacing_mm": float(spacing_mm), "roi_size": list(roi), "seed": int(seed), "reference_donor": REFERENCE_DONOR,
          "grid": "prepare_embedded_brains(alignment='affine')"},
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deepsim.data.label_bank_build",
-                                     description="Build the label bank of the synthetic training-pair generator.")
-    parser.add_argument("--out", type=Path, required=True, help="output .npz file")
-    parser.add_argument("--spacing", type=float, default=1.0, help="voxel size in mm (default 1)")
-    parser.add_argument("--roi", type=int, nargs=3, default=None, help="grid size (default: the dataset's ROI)")
-    parser.add_argument("--donors", nargs="+", default=list(DEFAULT_TRAIN_DONORS), help="training donors")
-    parser.add_argument("--fsaverage", action="store_true",
-                        help="add FreeSurfer's fsaverage aparc+aseg (optional extra deepsim[fsaverage], "
-                             "FreeSurfer licence)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the donor alignment (as the dataset's)")
-    args = parser.parse_args(argv)
-    try:
-        if args.spacing <= 0:
-            raise DatasetError(f"--spacing must be positive, got {args.spacing}")
-        bank = build_label_bank(args.spacing, args.roi, args.donors, args.fsaverage, args.seed)
-        bank.save(args.out)
-    except DeepsimError as exc:
-        print(f"error: {first_line(exc)}", file=sys.stderr)
-        return exit_code(exc)
-    size = args.out.stat().st_size / 2**20
-    print(f"{args.out}: {len(bank)} maps {bank.shape}, {bank.num_classes} classes, {size:.2f} MiB "
-          f"({', '.join(bank.sources)})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ Randomness is drawn apart from its use (STYLE §15): :meth:`LabelPairSynth.sampl
 into a :class:`PairParams` record of small tensors (full-resolution noise enters as per-image seeds), and
 :meth:`LabelPairSynth.apply` is a deterministic function of it. Everything runs on the bank's device.
 
-Usage (the bank file is made once, on the CPU: ``python -m deepsim.data.label_bank --spacing 1 --out bank_1mm.npz``,
+Usage (the bank file is made once, on the CPU: ``python -m deepsim.workflows.label_bank --spacing 1 --out bank_1mm.npz``,
 ``--fsaverage`` to add FreeSurfer's fsaverage; about 1 MB)::
 
     bank = LabelBank.load("bank_1mm.npz", device="cuda")
