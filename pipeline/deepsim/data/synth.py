@@ -25,11 +25,13 @@ Usage (the bank file is made once, on the CPU: ``python -m deepsim.workflows.lab
     batch = synth(4, generator)  # or: params = synth.sample(4, generator); batch = synth.apply(params)
     batch["moving"], batch["fixed"]              # (4, 1, 160, 192, 160) float32 in [0, 1]
     batch["moving_label"], batch["fixed_label"]  # (4, 1, 160, 192, 160) long, classes 0 .. bank.num_classes - 1
-    synth.options                                # the constructor's values, for the run's parameters
+    dataclasses.asdict(synth.options)            # every range, for the run's parameters
 
-Default deformation strength: velocity noise std up to 6 voxels on a grid 16 times coarser — the default of
-SynthMorph's first training script (voxelmorph, ``--vel-std 6``); measured on a 48×56×48 grid it gives no folding
-and 99th-percentile displacements of ~12 voxels with the default affine (``benchmarks/synth_speed.py``).
+Default deformation strength: velocity noise std up to 6 voxels on a grid 16 times coarser (the default of
+SynthMorph's first training script, voxelmorph's ``--vel-std 6``). Measured on the 1 mm bank (8 warps,
+``python benchmarks/synth_speed.py --bank bank_1mm.npz --device cpu --cases --field-pairs 4``): in the brain,
+mean displacement 3.2 voxels, max 13.3, std log det J 0.33, no folding (twice the strength: 0.0002 % folded);
+with the default affine as well (rotations ≤ 10° per axis, scale ±8 %, shifts ≤ 4 voxels), mean 11.0 voxels.
 """
 
 from __future__ import annotations
