@@ -99,6 +99,23 @@ def test_zero_deformation_and_identity_affine_give_back_the_input_labels(interpo
     assert torch.equal(out["fixed_label"][:, 0], bank.maps[params.sources[:, 1]].long())
 
 
+def test_linear_label_warp_agrees_with_nearest_away_from_boundaries():
+    bank = _bank()
+    params = LabelPairSynth(bank).sample(2, _gen(6))
+    nearest = LabelPairSynth(bank).apply(params)["moving_label"]
+    linear = LabelPairSynth(bank, label_interpolation="linear").apply(params)["moving_label"]
+    agree = float((nearest == linear).double().mean())
+    assert 0.9 < agree < 1.0  # the same warp; they differ only on (some) voxels next to a boundary
+
+
+def test_bank_selects_maps_by_source():
+    bank = _bank()
+    picked = bank.select(["map2", "map0"])
+    assert picked.sources == ("map0", "map2") and torch.equal(picked.maps, bank.maps[[0, 2]])
+    with pytest.raises(Exception, match="none of"):
+        bank.select(["fsaverage"])
+
+
 def test_flips_act_on_the_whole_pair():
     bank = _bank()
     synth = LabelPairSynth(bank, **{**_still(), "flip_probability": 1.0}, flip_axes=(1,))

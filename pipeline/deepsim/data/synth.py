@@ -61,6 +61,7 @@ from deepsim.data.shapes import shapes_label_map
 __all__ = ["PairParams", "SynthOptions", "LabelPairSynth"]
 
 _SHAPES = -1  # source index of a shapes map
+_CLASS_CHUNK = 16  # classes warped together by label_interpolation="linear"
 
 
 @dataclass(frozen=True)
@@ -303,14 +304,19 @@ class LabelPairSynth:
     def _warp_labels(self, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.options.label_interpolation == "nearest":  # class indices < 256 are exact in float32
             return sample(labels.float(), positions, mode="nearest", padding_mode="zeros").long()
-        best = torch.full_like(labels, 0, dtype=torch.float32)  # linear: argmax of warped one-hot, class by class
+        # linear: argmax of the warped one-hot maps, _CLASS_CHUNK classes per grid_sample (they share its indexing)
+        best = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
         out = torch.zeros_like(labels)
-        for k in range(self.num_classes):
-            warped = sample((labels == k).float(), positions, mode="bilinear", padding_mode="zeros")
-            if k == 0:  # outside the grid is background
-                warped = warped + (1 - sample(torch.ones_like(best), positions, padding_mode="zeros"))
-            better = warped > best
-            best, out = torch.where(better, warped, best), torch.where(better, k, out)
+        inside = sample(torch.ones_like(best), positions, padding_mode="zeros")  # outside the grid: background
+        for first in range(0, self.num_classes, _CLASS_CHUNK):
+            classes = torch.arange(first, min(first + _CLASS_CHUNK, self.num_classes), device=labels.device)
+            onehot = (labels == classes.view(1, -1, *[1] * self.ndim)).float()  # (N, C, *S)
+            warped = sample(onehot, positions, mode="bilinear", padding_mode="zeros")
+            if first == 0:
+                warped[:, 0] += 1 - inside[:, 0]
+            value, index = warped.max(dim=1, keepdim=True)
+            better = value > best
+            best, out = torch.where(better, value, best), torch.where(better, index + first, out)
         return out
 
     def synthesize(self, labels: torch.Tensor, params: PairParams) -> torch.Tensor:
