@@ -321,9 +321,9 @@ def load_embedded_donors(donors: Sequence[str], progress: bool = False) -> dict[
 def align_donors(loaded: dict[str, dict], reference: str, spacing_mm: float, roi: Sequence[int], seed: int,
                  progress: bool, aligner: Aligner) -> tuple[np.ndarray, dict]:
     """Affine transform of every loaded item (``{"label", "masks"}``, as :func:`load_embedded_donors` gives) into
-    ``reference``'s space, estimated by ``aligner`` on synthesised T1-like images, and the common grid's affine (``roi`` voxels
-    of ``spacing_mm``, centred on the reference brain). Transforms map grid points into the item's world (None
-    for the reference)."""
+    ``reference``'s space, estimated by ``aligner`` on synthesised T1-like images, and the common grid's affine
+    (``roi`` voxels of ``spacing_mm``, centred on the reference brain). Transforms map grid points into the item's
+    world (None for the reference)."""
     if reference not in loaded:
         raise DatasetError(f"reference donor {reference!r} is not among the prepared donors {sorted(loaded)}")
     synth = {d: SynthesizeT1d(seed=_seed(seed, "alignment"), mask_key="masks")(item)["image"]
