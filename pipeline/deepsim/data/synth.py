@@ -271,8 +271,8 @@ class LabelPairSynth:
         shape = (b, 2, 1, *self.shape)
         images, labels = images.view(shape), labels.view(shape)
         images, labels = self._flip(images, params.flips), self._flip(labels, params.flips)
-        return {"moving": images[:, 0], "fixed": images[:, 1], "moving_label": labels[:, 0],
-                "fixed_label": labels[:, 1]}
+        return {"moving": images[:, 0].contiguous(), "fixed": images[:, 1].contiguous(),
+                "moving_label": labels[:, 0].contiguous(), "fixed_label": labels[:, 1].contiguous()}
 
     def positions(self, velocity: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
         """Where each output voxel reads its label map: ``A (x + exp(v)(x))``, normalised (B, ndim, *S).
@@ -289,12 +289,12 @@ class LabelPairSynth:
         return positions_to_displacement(positions).view(params.batch_size, 2, self.ndim, *self.shape)
 
     def _base_maps(self, params: PairParams) -> torch.Tensor:
-        """The unwarped label map of every image, (2B, 1, *S) long."""
+        """The unwarped label map of every image, (2B, 1, *S) uint8 (K ≤ 256 classes)."""
         sources = params.sources.flatten()
-        out = torch.zeros((sources.numel(), 1, *self.shape), dtype=torch.long, device=self.device)
+        out = torch.zeros((sources.numel(), 1, *self.shape), dtype=torch.uint8, device=self.device)
         real = sources != _SHAPES
         if self.bank is not None and bool(real.any()):
-            out[real] = self.bank.maps[sources[real]].long()[:, None]
+            out[real] = self.bank.maps[sources[real]][:, None]
         for i in torch.nonzero(params.sources[:, 0] == _SHAPES).flatten().tolist():  # one map per pair, used twice
             noise = tuple(s[i : i + 1] for s in params.shapes_noise)
             out[2 * i : 2 * i + 2] = shapes_label_map(noise, params.shapes_velocity[i : i + 1], self.shape,
@@ -306,7 +306,7 @@ class LabelPairSynth:
             return sample(labels.float(), positions, mode="nearest", padding_mode="zeros").long()
         # linear: argmax of the warped one-hot maps, _CLASS_CHUNK classes per grid_sample (they share its indexing)
         best = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-        out = torch.zeros_like(labels)
+        out = torch.zeros(labels.shape, dtype=torch.long, device=labels.device)
         inside = sample(torch.ones_like(best), positions, padding_mode="zeros")  # outside the grid: background
         for first in range(0, self.num_classes, _CLASS_CHUNK):
             classes = torch.arange(first, min(first + _CLASS_CHUNK, self.num_classes), device=labels.device)
@@ -317,7 +317,7 @@ class LabelPairSynth:
             value, index = warped.max(dim=1, keepdim=True)
             better = value > best
             best, out = torch.where(better, value, best), torch.where(better, index + first, out)
-        return out
+        return out.long()
 
     def synthesize(self, labels: torch.Tensor, params: PairParams) -> torch.Tensor:
         """Images (2B, 1, *S) in [0, 1] from warped class maps (2B, 1, *S), with the contrasts of ``params``."""
