@@ -24,6 +24,7 @@ the generator's settings, the iterations and the training time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deepsim.workflows.pretrain",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--bank", required=True, type=Path, help="label bank file (python -m deepsim.data.label_bank_build)")
+    p.add_argument("--bank", required=True, type=Path, help="label bank file (python -m deepsim.workflows.label_bank)")
     p.add_argument("--out", required=True, type=Path, help="models folder: checkpoint, training state, curve")
     p.add_argument("--stage", choices=("registration", "feature_seg", "feature_ae"), default="registration")
     p.add_argument("--loss", default="dice", help="registration loss (a similarity name; registration stage only)")
@@ -112,7 +113,11 @@ def train(args: argparse.Namespace) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     bank = LabelBank.load(args.bank, device=device)
     synth_kwargs = {"shapes_probability": args.shapes_probability, "same_contrast": args.same_contrast}
+    if args.stage != "registration":
+        # a feature net's labels name left and right structures: a flipped image would teach it to swap them
+        synth_kwargs["flip_probability"] = 0.0
     synth = LabelPairSynth(bank, **synth_kwargs)
+    synth_kwargs = dataclasses.asdict(synth.options)  # every setting, for the checkpoint's meta
     if args.stage == "registration":
         builder, kwargs, task, view, checkpoint = _registration_parts(args, bank, device)
     else:
