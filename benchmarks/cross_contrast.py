@@ -12,9 +12,11 @@ holds neither ANTs nor SimpleITK and a call carries at most 64 MiB:
    donors: the first contrast fixed, the second moving); ``models/`` copies the feature nets (and any
    ``registration_<loss>.pt``) of ``--models`` (default: the brain bundle's); ``icbm/`` the ICBM152 pair.
    1 mm: about 20 MB.
-2. ``run`` (GPU or CPU): each method on every pair (and on the ICBM pair), then the noise pass (Gaussian noise of
-   σ ``--noise`` on both images, the same for every method) on the T1↔T2 pairs for the loss rows. Results are
-   written after every method, so a run stopped by a time limit keeps what it finished.
+2. ``run`` (GPU or CPU): each method on every pair across contrasts and on the ICBM pair; the same-contrast
+   pairs for :data:`SAME_CONTRAST_METHODS` and rows with a network; then the noise pass (Gaussian noise of σ
+   ``--noise`` on both images, the same for every method) on the T1↔T2 pairs for the losses of
+   :data:`NOISE_LOSSES`. Results are written after every method, so a run stopped by a time limit keeps what it
+   finished.
 3. ``ants`` (CPU): ANTs SyN with Mattes MI on the same pairs (not on the GPU machine).
 4. ``merge``: the tables of ``benchmarks/results/cross_contrast*.md``.
 
@@ -33,6 +35,7 @@ between them); ``fireants-mi`` and ``ants-syn-mi`` (:mod:`deepsim.peers` with mu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -51,6 +54,11 @@ LOSSES = ("ncc", "mse", "nmi", "mind", "deepsim-ae", "deepsim-seg")
 OUR_METHODS = ("identity", "affine", *[f"affine+io-{loss}" for loss in LOSSES])
 DEFAULT_METHODS = (*OUR_METHODS, "fireants-mi", "register")
 NOISE_COMBO = "t1-t2"
+#: the methods also run on the same-contrast pairs (the "within 0.01 of NCC" check; the rest skip them, to keep the
+#: 1 mm run within 8 minutes of one GPU), and the loss rows of the noise pass
+SAME_CONTRAST_METHODS = ("identity", "affine", "affine+io-ncc", "affine+io-deepsim-ae", "affine+io-deepsim-seg",
+                         "register")
+NOISE_LOSSES = ("ncc", "nmi", "mind", "deepsim-ae", "deepsim-seg")
 ICBM_RMS_MM, ICBM_SEED = 4.0, 0
 
 
@@ -214,19 +222,26 @@ def _product(device):
     return run
 
 
-def _pairs_rows(run_dir: Path, method: str, fn, device, noise: float, combos: set[str] | None, max_pairs) -> list:
-    import torch
-
-    from deepsim.data.noise import add_gaussian_noise
+@functools.cache
+def _pair_dataset(run_dir: Path):
+    """The prepared pairs (read once), each image's contrast and file by id."""
     from deepsim.data.pairs import PairDataset
-    from deepsim.evaluation.compare import peak_memory
-    from deepsim.evaluation.summary import pair_metrics
-    from deepsim.spatial import warp_labels
 
     datalist = json.loads((run_dir / "data" / "datalist.json").read_text())
     contrast_of = {item["id"]: item["contrast"] for item in datalist["test"]}
     path_of = {item["id"]: run_dir / "data" / item["image"] for item in datalist["test"]}
-    pairs = PairDataset(run_dir / "data" / "datalist.json", "test")
+    return PairDataset(run_dir / "data" / "datalist.json", "test"), contrast_of, path_of
+
+
+def _pairs_rows(run_dir: Path, method: str, fn, device, noise: float, combos: set[str] | None, max_pairs) -> list:
+    import torch
+
+    from deepsim.data.noise import add_gaussian_noise
+    from deepsim.evaluation.compare import peak_memory
+    from deepsim.evaluation.summary import pair_metrics
+    from deepsim.spatial import warp_labels
+
+    pairs, contrast_of, path_of = _pair_dataset(run_dir)
     rows = []
     for i in range(len(pairs)):
         fixed_id, moving_id = (pairs.subjects.items[k]["id"] for k in pairs.pair_indices(i))
@@ -251,24 +266,32 @@ def _pairs_rows(run_dir: Path, method: str, fn, device, noise: float, combos: se
     return rows
 
 
-def _icbm_rows(run_dir: Path, method: str, fn, device) -> list:
-    """Endpoint error (mm) of the method's field against the known one, in the ICBM brain mask."""
+@functools.cache
+def _icbm_pair(folder: Path):
+    """(field.json, fixed, moving, brain mask, the true field (3, *S) in voxels), read and regenerated once."""
     import nibabel as nib
-    import torch
 
     sys.path.insert(0, str(HERE))
     from real_t1_check import _known_deformation
 
-    from deepsim.evaluation.compare import peak_memory
-    from deepsim.evaluation.jacobian import folding_percent, jacobian_determinant, std_log_jacobian
-
-    folder = run_dir / "icbm"
     info = json.loads((folder / "field.json").read_text())
     read = lambda name: np.asarray(nib.load(folder / name).dataobj, dtype=np.float32)  # noqa: E731
     fixed, moving, mask = read("fixed_t1.nii.gz"), read("moving_t2.nii.gz"), read("mask.nii.gz") > 0
     truth = _known_deformation(mask, info["spacing_mm"], info["rms_mm"], info["seed"])
     if not np.isclose(np.abs(truth).sum(), info["abs_sum_vox"], rtol=1e-5):
         raise SystemExit(f"{folder}: the regenerated known field differs from the prepared one")
+    return info, fixed, moving, mask, truth
+
+
+def _icbm_rows(run_dir: Path, method: str, fn, device) -> list:
+    """Endpoint error (mm) of the method's field against the known one, in the ICBM brain mask."""
+    import torch
+
+    from deepsim.evaluation.compare import peak_memory
+    from deepsim.evaluation.jacobian import folding_percent, jacobian_determinant, std_log_jacobian
+
+    folder = run_dir / "icbm"
+    info, fixed, moving, mask, truth = _icbm_pair(folder)
     ddf, seconds, peak = peak_memory(lambda: fn(folder / "fixed_t1.nii.gz", folder / "moving_t2.nii.gz", fixed,
                                                 moving), device)
     ddf = torch.as_tensor(ddf, dtype=torch.float32).cpu()
@@ -282,7 +305,7 @@ def _icbm_rows(run_dir: Path, method: str, fn, device) -> list:
 
 
 def run(run_dir: Path, out: Path, methods: list[str], noise: float, device: str, max_pairs: int | None,
-        affine_metric: str, icbm: bool) -> None:
+        affine_metric: str, icbm: bool, combos: list[str] | None = None) -> None:
     sys.path.insert(0, str(HERE))
     import pandas as pd
     import torch
@@ -306,11 +329,15 @@ def run(run_dir: Path, out: Path, methods: list[str], noise: float, device: str,
         fn, params = _method(method, run_dir, device, spacing, affine_metric)
         if device.startswith("cuda"):  # untimed: CUDA start-up and cuDNN autotuning stay out of the timings
             _pairs_rows(run_dir, method, fn, device, 0.0, {"t1-t2"}, 1)
-        save(_pairs_rows(run_dir, method, fn, device, 0.0, None, max_pairs))
+        chosen = set(combos) if combos else {_combo(*c) for c in CONTRAST_PAIRS}
+        with_network = method.startswith("affine+") and not method.startswith("affine+io-") and "+io-" in method
+        if method not in SAME_CONTRAST_METHODS and not with_network:
+            chosen.discard("t1-t1")
+        save(_pairs_rows(run_dir, method, fn, device, 0.0, chosen, max_pairs))
         if icbm:
             save(_icbm_rows(run_dir, method, fn, device))
         print(f"{method}: {time.perf_counter() - t0:.1f} s", flush=True)
-    for method in [m for m in methods if m.startswith("affine+") and "+io-" in m] if noise > 0 else []:
+    for method in [m for m in methods if m.split("+io-")[-1] in NOISE_LOSSES] if noise > 0 else []:
         t0 = time.perf_counter()
         fn, _ = _method(method, run_dir, device, spacing, affine_metric)
         save(_pairs_rows(run_dir, method, fn, device, noise, {NOISE_COMBO}, max_pairs))
@@ -338,19 +365,22 @@ def _better(results, method: str, baseline: str) -> str:
 
 
 def _dice_table(results, columns: list[str]) -> list[str]:
-    """One row per method: Dice mean ± std over pairs, Dice per contrast pair, folding, std log|J|, time, p vs best."""
+    """One row per method on the pairs every method has: Dice mean ± std over pairs, Dice per contrast pair,
+    folding, std log|J|, time, paired Wilcoxon p against the best."""
     from deepsim.evaluation.summary import format_number, paired_wilcoxon, summarise
 
+    counts = results.groupby("pair_id")["method"].nunique()
+    results = results[results["pair_id"].isin(counts.index[counts == results["method"].nunique()])]  # common pairs
     summary = summarise(results).set_index("method")
     best = str(summary["dice_mean"].drop("identity", errors="ignore").idxmax())
-    head = ["method", "Dice mean ± std", *[f"Dice {c}" for c in columns], "folding %", "std log\\|J\\|",
+    head = ["method", "pairs", "Dice mean ± std", *[f"Dice {c}" for c in columns], "folding %", "std log\\|J\\|",
             "time / pair (s, median)", f"p vs best ({best})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, r in summary.iterrows():
         own = results[results["method"] == method]
         per_combo = [format_number(own.loc[own["combo"] == c, "dice_mean"].mean()) for c in columns]
         p = float("nan") if method == best else paired_wilcoxon(results, method, best)
-        cells = [method, f"{r['dice_mean']:.3f} ± {format_number(r['dice_std'])}", *per_combo,
+        cells = [method, str(int(r["n_pairs"])), f"{r['dice_mean']:.3f} ± {format_number(r['dice_std'])}", *per_combo,
                  format_number(r["folding_pct"]), format_number(r["std_logjac"]),
                  format_number(own["seconds"].median(), 2), "—" if p != p else ("<0.001" if p < 0.001 else f"{p:.3f}")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -427,6 +457,8 @@ def main() -> None:
         r.add_argument("--out", type=Path, required=True)
         r.add_argument("--max-pairs", type=int, default=None, help="at most N pairs per contrast pair")
         r.add_argument("--no-icbm", dest="icbm", action="store_false", help="leave out the ICBM152 pair")
+        r.add_argument("--combos", nargs="+", default=None, metavar="FIXED-MOVING",
+                       help="only these contrast pairs (t1-t2 t1-pd t2-pd t1-t1; default: all)")
         if name == "run":
             r.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
             r.add_argument("--noise", type=float, default=0.1)
@@ -443,9 +475,9 @@ def main() -> None:
         prepare(args.out, args.spacing, args.models)
     elif args.step == "run":
         run(args.run_dir, args.out, args.methods, args.noise, args.device, args.max_pairs, args.affine_metric,
-            args.icbm)
+            args.icbm, args.combos)
     elif args.step == "ants":
-        run(args.run_dir, args.out, ["ants-syn-mi"], 0.0, "cpu", args.max_pairs, "mi", args.icbm)
+        run(args.run_dir, args.out, ["ants-syn-mi"], 0.0, "cpu", args.max_pairs, "mi", args.icbm, args.combos)
     else:
         merge(args.results, args.table, args.command, args.title, args.note)
 

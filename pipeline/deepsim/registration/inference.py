@@ -54,7 +54,8 @@ from deepsim.io import (has_shear, load_displacement, make_staging_dir, read_ima
                         save_like, save_volume, smallest_label_dtype)
 from deepsim.output_folder import check_output_file, check_targets, publish_files
 from deepsim.registration.affine import AffineRegistration
-from deepsim.registration.checks import PATHS, choose_contrast, report_warnings, result_warnings
+from deepsim.registration.checks import (PATHS, choose_contrast, orientation_warnings, report_warnings,
+                                         result_warnings)
 from deepsim.geometry import Grid, apply_affine, grid_points, sample_at
 from deepsim.registration.instance import InstanceOptimisation, instance_similarity, test_time_loss
 from deepsim.registration.model import RegistrationModel, resolve_model
@@ -231,7 +232,7 @@ def register_files(
     affine_metric = path.affine_metric if affine_metric is None else affine_metric
     network = path.network if network is None else network
     loss = path.loss if loss is None else loss
-    warnings = []
+    warnings, orientation = orientation_warnings(fixed_t, fixed_img.affine, moving_t, moving_img.affine)
     if choice.requested == "same" and choice.detected == "different":
         warnings.append(f"--contrast same, but {moving_img.path} and {fixed_img.path} measure as different "
                         f"contrasts (rank correlation {choice.relation:.2f} inside the brain): NCC and the network "
@@ -286,7 +287,6 @@ def register_files(
         problems, checks = result_warnings(fixed_t, fixed_img.affine, moving_t, moving_img.affine, result)
     warnings += problems
     timings["checks_s"] = time.perf_counter() - t0
-    report_warnings(warnings)
 
     instance = result.instance
     report: dict = {
@@ -303,7 +303,7 @@ def register_files(
         "affine_metric": affine_metric if affine else None,
         "contrast": choice.to_dict(),
         "warnings": warnings,
-        "checks": checks,
+        "checks": {**orientation, **checks},
         "instance_optimisation": None if optimiser is None else {
             "loss": optimiser.loss_name, "transform": optimiser.transform,
             "levels": list(optimiser.scales), "iterations": list(optimiser.iterations),
@@ -353,7 +353,9 @@ def register_files(
         report["outputs"] = {name: path.name for name, path in written.items()}
         (staging / "registration.json").write_text(json.dumps(report, indent=2) + "\n")
         written["report"] = staging / "registration.json"
-        return publish_files(written, out_dir, inputs, "deepsim register", overwrite)
+        published = publish_files(written, out_dir, inputs, "deepsim register", overwrite)
+        report_warnings(warnings)  # once the result exists: a run that fails says only its error
+        return published
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
