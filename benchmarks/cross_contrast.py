@@ -364,13 +364,14 @@ def _better(results, method: str, baseline: str) -> str:
             f"{int((a > b).sum())}), Wilcoxon p = {p:.2g}")
 
 
-def _dice_table(results, columns: list[str]) -> list[str]:
+def _dice_table(results, columns: list[str], common: bool = True) -> list[str]:
     """One row per method on the pairs every method has: Dice mean ± std over pairs, Dice per contrast pair,
     folding, std log|J|, time, paired Wilcoxon p against the best."""
     from deepsim.evaluation.summary import format_number, paired_wilcoxon, summarise
 
-    counts = results.groupby("pair_id")["method"].nunique()
-    results = results[results["pair_id"].isin(counts.index[counts == results["method"].nunique()])]  # common pairs
+    if common:  # only the pairs every method has: means over one set of pairs
+        counts = results.groupby("pair_id")["method"].nunique()
+        results = results[results["pair_id"].isin(counts.index[counts == results["method"].nunique()])]
     summary = summarise(results).set_index("method")
     best = str(summary["dice_mean"].drop("identity", errors="ignore").idxmax())
     head = ["method", "pairs", "Dice mean ± std", *[f"Dice {c}" for c in columns], "folding %", "std log\\|J\\|",
@@ -387,7 +388,8 @@ def _dice_table(results, columns: list[str]) -> list[str]:
     return lines
 
 
-def merge(folders: list[Path], table: Path, commands: list[str], title: str, notes: list[str]) -> None:
+def merge(folders: list[Path], table: Path, commands: list[str], title: str, notes: list[str],
+          common: bool = True) -> None:
     import pandas as pd
 
     frames, machines = [], []
@@ -402,7 +404,7 @@ def merge(folders: list[Path], table: Path, commands: list[str], title: str, not
     combos = [_combo(*c) for c in CONTRAST_PAIRS if c[0] != c[1] and _combo(*c) in set(cross["combo"])]
     lines = [f"# {title}", "", *notes, "", "Commands:", "", *[f"    {c}" for c in commands], "",
              *[f"Machine: {m}" for m in machines], ""]
-    lines += ["## Across contrasts (T1↔T2, T1↔PD, T2↔PD)", "", *_dice_table(cross, combos), ""]
+    lines += ["## Across contrasts (T1↔T2, T1↔PD, T2↔PD)", "", *_dice_table(cross, combos, common), ""]
     methods = list(dict.fromkeys(cross["method"]))
     deepsim = [m for m in methods if "deepsim" in m]
     references = [m for m in methods if m.endswith(("io-mind", "io-nmi")) or m in ("ants-syn-mi", "fireants-mi")]
@@ -415,7 +417,7 @@ def merge(folders: list[Path], table: Path, commands: list[str], title: str, not
                   f"warnings on {int((used['warnings'] > 0).sum())} of {len(used)} pairs", ""]
     same = clean[clean["combo"] == "t1-t1"]
     if len(same):
-        lines += ["## Same contrast (T1↔T1)", "", *_dice_table(same, ["t1-t1"]), ""]
+        lines += ["## Same contrast (T1↔T1)", "", *_dice_table(same, ["t1-t1"], common), ""]
         ncc = same.loc[same["method"].str.endswith("io-ncc"), "dice_mean"].mean()
         lines += [f"- {m}: {same.loc[same['method'] == m, 'dice_mean'].mean() - ncc:+.3f} Dice against NCC"
                   for m in dict.fromkeys(same["method"]) if "deepsim" in m] + [""]
@@ -470,6 +472,8 @@ def main() -> None:
     m.add_argument("--command", action="append", default=[])
     m.add_argument("--title", default="Registration across MRI contrasts")
     m.add_argument("--note", action="append", default=[])
+    m.add_argument("--all-pairs", dest="common", action="store_false",
+                   help="each method's mean over the pairs it ran (default: only the pairs every method ran)")
     args = parser.parse_args()
     if args.step == "prepare":
         prepare(args.out, args.spacing, args.models)
@@ -479,7 +483,7 @@ def main() -> None:
     elif args.step == "ants":
         run(args.run_dir, args.out, ["ants-syn-mi"], 0.0, "cpu", args.max_pairs, "mi", args.icbm, args.combos)
     else:
-        merge(args.results, args.table, args.command, args.title, args.note)
+        merge(args.results, args.table, args.command, args.title, args.note, args.common)
 
 
 if __name__ == "__main__":

@@ -58,8 +58,8 @@ def _cases() -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
         "good: T1 to PD": ("auto", pd, a3),
         "good: T1 to T2, told different": ("different", t2, a2),
         "bad: wrong region (the top 40 % of the head)": ("auto", t1[:, :, int(0.6 * t1.shape[2]):], slab),
-        "bad: flipped front to back": ("auto", t1[:, ::-1, :].copy(), a1),
-        "bad: flipped upside down": ("auto", t1[:, :, ::-1].copy(), a1),
+        "bad: flipped top to bottom (this LIP image's second voxel axis)": ("auto", t1[:, ::-1, :].copy(), a1),
+        "bad: flipped front to back (its third voxel axis)": ("auto", t1[:, :, ::-1].copy(), a1),
         "bad: an unrelated image": ("auto", unrelated.astype(np.float32), a1),
         "bad: T2 declared the same contrast": ("same", t2, a2),
     }

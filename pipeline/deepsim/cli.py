@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         "contrast decision, warnings). "
         "Contrast: by default (--contrast auto) deepsim measures whether the two images share a contrast (a T1 "
         "against a T2 or PD image correlates negatively inside the brain) and picks the path: one contrast, the NCC "
-        "affine, the network and the model's loss; different contrasts, the mutual-information affine and the MIND "
+        "affine, the network and the model's loss; different contrasts, the mutual-information affine and the NMI "
         "loss, without the network (trained on one contrast). Give --contrast same or different when you know. "
         "A result that looks wrong (less similar than the inputs, an implausible affine: scale, shear, reflection, "
         "a huge shift; a declared contrast the images contradict) is reported as a 'deepsim: warning:' line and in "
@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--contrast", choices=["auto", "same", "different"], default="auto",
                         help="whether the two images share an MRI contrast (T1w to T1w: same; T1w to T2w, FLAIR or "
                         "PDw: different); auto (default) measures it. It picks the defaults of --affine-metric, "
-                        "--loss and the network (same: ncc, the model's loss, the network; different: mi, mind, "
+                        "--loss and the network (same: ncc, the model's loss, the network; different: mi, nmi, "
                         "no network); options given explicitly win")
     stages.add_argument("--affine-metric", choices=["ncc", "mi"], default=None,
                         help="affine metric: global NCC (same contrast) or mutual information (different contrasts); "
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--loss", default=None,
                         choices=["ncc", "mse", "mind", "nmi", "deepsim-ae", "deepsim-seg"],
                         help="instance optimisation loss (default: from --contrast: the model's own for one "
-                        "contrast, mind for different contrasts; deepsim-* need the model's feature net beside it)")
+                        "contrast, nmi for different contrasts; deepsim-* need the model's feature net beside it)")
     stages.add_argument("--learning-rate", type=_POSITIVE, default=0.5,
                         help="instance optimisation: the longest step, in voxels of each level")
     rg.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu or cuda:0")
