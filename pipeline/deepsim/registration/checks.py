@@ -268,13 +268,14 @@ def _centre_of_mass_start(fixed: torch.Tensor, fixed_affine: np.ndarray, moving:
 
 
 def result_warnings(fixed: torch.Tensor, fixed_affine: np.ndarray, moving: torch.Tensor, moving_affine: np.ndarray,
-                    registration) -> tuple[list[str], dict]:
+                    registration, coverage: bool = True) -> tuple[list[str], dict]:
     """The warnings about a :class:`~deepsim.registration.pipeline.Registration` of ``moving`` to ``fixed`` (both
     (*S) intensities with their voxel -> RAS affines), and the numbers behind them.
 
     Similarity: NMI inside the fixed foreground at the start (the inputs in world space) and at the end (the moving
     image through the whole transform); the end below the start is a warning. Affine: :func:`affine_warnings`
-    against the affine stage's centre-of-mass start."""
+    against the affine stage's centre-of-mass start. ``coverage=False``: the caller has already warned that the
+    images overlap only in part, so the foreground coverage is measured but not warned about a second time."""
     grid = _check_grid(fixed, fixed_affine)
     x, target = registration.target_points(grid)
     f = sample_at(_blurred(fixed, fixed_affine, CHECK_SPACING_MM), fixed_affine, x)
@@ -285,7 +286,7 @@ def result_warnings(fixed: torch.Tensor, fixed_affine: np.ndarray, moving: torch
     covered = inside_fraction(target[:, region], Grid(tuple(int(n) for n in moving.shape), moving_affine))
     numbers = {"nmi_start": round(before, 4), "nmi_final": round(after, 4), "foreground_covered": round(covered, 4)}
     problems = []
-    if covered < MIN_COVERED:
+    if coverage and covered < MIN_COVERED:
         problems.append(f"only {covered:.0%} of the fixed image's foreground maps inside the moving image after "
                         "registration: the moving image shows another or a smaller region")
     if after < before:

@@ -245,9 +245,11 @@ def register_files(
     working_spacing = net.spacing_mm if net is not None else spacing_mm
     if working_spacing is not None:
         check_extent(fixed_img.path, fixed_img.affine, fixed_img.array.shape, working_spacing)
+    fov_warned = False  # a field-of-view warning already given: the coverage check would say the same again
     if not affine:
-        check_overlap(fixed_img.grid, moving_img.grid, moving_img.path, fixed_img.path,
-                      hint="; or let the affine stage align them (leave out --no-affine / --network-only)")
+        fov_warned = check_overlap(fixed_img.grid, moving_img.grid, moving_img.path, fixed_img.path,
+                                   hint="; or let the affine stage align them (leave out --no-affine / "
+                                        "--network-only)") < WARN_OVERLAP
     if affine and affine_metric not in ("ncc", "mi"):
         raise ConfigError(f"--affine-metric must be ncc or mi, got {affine_metric!r}")
     optimiser = _instance_optimiser(net, loss, fixed_img.ndim, iterations, learning_rate, device)
@@ -277,6 +279,7 @@ def register_files(
     timings["compose_s"] = time.perf_counter() - t0
     overlap = check_overlap(target, moving_img.grid, moving_img.path, fixed_img.path, warn=False)
     if affine and overlap < WARN_OVERLAP:
+        fov_warned = True
         warnings.append(f"only {100 * overlap:.0f} % of {fixed_img.path} lies inside the field of view of "
                         f"{moving_img.path}; the result is 0 elsewhere")
     if has_shear(fixed_img.affine, fixed_img.ndim):
@@ -284,7 +287,8 @@ def register_files(
                         "exact for nibabel and deepsim warp, but SimpleITK/ANTs refuse it")
     t0 = time.perf_counter()
     with torch.no_grad():
-        problems, checks = result_warnings(fixed_t, fixed_img.affine, moving_t, moving_img.affine, result)
+        problems, checks = result_warnings(fixed_t, fixed_img.affine, moving_t, moving_img.affine, result,
+                                           coverage=not fov_warned)
     warnings += problems
     timings["checks_s"] = time.perf_counter() - t0
 
