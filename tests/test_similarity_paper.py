@@ -19,6 +19,7 @@ from deepsim.losses.nmi import NMILoss, normalized_mutual_information
 from deepsim.registration.network import RegistrationNet
 from deepsim.registration.objective import RegistrationObjective, build_objective
 from deepsim.losses import FEATURE_NET_OF, SIMILARITY_NAMES, LocalNCCLoss, NCCSupLoss, build_similarity
+from deepsim.losses.supervised import LabelOverlapLoss
 from deepsim.spatial import warp_image
 from deepsim.resources import bundle_dir
 
@@ -286,7 +287,7 @@ def test_every_similarity_name_builds_and_scores_a_misaligned_pair_above_an_iden
     if FEATURE_NET_OF[name] is not None:
         kind = FEATURE_NET_OF[name]
         kwargs["feature_net"] = build_feature_net(kind, 3, 1, num_classes=3 if kind == "seg" else None, channels=(4, 8))
-    if name == "ncc-sup":
+    if name in ("ncc-sup", "dice"):
         kwargs["label_values"] = [0, 1]
     objective = RegistrationObjective(build_similarity(name, 3, **kwargs), regularization_weight=1.0)
     a, b = _smooth((16, 16, 16), 1), _smooth((16, 16, 16), 2)
@@ -326,7 +327,7 @@ def test_registration_bundle_hands_the_datalist_label_values_to_ncc_sup(tmp_path
     parser.read_config([str(configs / "common.json"), str(configs / "train_registration.json")])
     parser.update({"datalist": str(datalist), "similarity": "ncc-sup", "device": "cpu"})
     objective = parser.get_parsed_content("objective")
-    assert isinstance(objective.similarity, NCCSupLoss) and objective.similarity.indexer.num_classes == 7
+    assert isinstance(objective.similarity, NCCSupLoss) and objective.similarity.labels.indexer.num_classes == 7
     assert objective.regularization_weight == parser.get_parsed_content("lambdas")["ncc-sup"]
 
 
@@ -334,8 +335,31 @@ def test_registration_bundle_hands_the_datalist_label_values_to_ncc_sup(tmp_path
 def test_ncc_sup_block_fractions_equal_average_pooled_one_hots(shape):
     values = [0, 3, 1002, 2035]
     labels = torch.tensor(values)[torch.randint(0, 4, shape)]
-    loss = NCCSupLoss(values, spatial_dims=len(shape) - 2)
+    loss = LabelOverlapLoss(values)
     one_hot = F.one_hot(loss.indexer.to_index(labels[:, 0]), 4).movedim(-1, 1).float()
     pool = F.avg_pool3d if len(shape) == 5 else F.avg_pool2d
     assert torch.equal(loss._onehot(labels, 2), pool(one_hot, 2))
     assert torch.equal(loss._onehot(labels, 1), one_hot)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_label_overlap_is_zero_for_the_true_shift_and_positive_without_it(spatial_dims):
+    """A label map shifted by 3 voxels along the first axis; the field that undoes the shift scores ~0."""
+    shape = (24,) * spatial_dims
+    labels = torch.zeros((1, 1, *shape), dtype=torch.long)
+    labels[(0, 0, slice(6, 14), *[slice(8, 16)] * (spatial_dims - 1))] = 5
+    labels[(0, 0, slice(14, 18), *[slice(4, 20)] * (spatial_dims - 1))] = 9
+    moving = torch.roll(labels, shifts=3, dims=2)  # moving[x] = fixed[x - 3]  =>  warped[x] = moving[x + 3]
+    loss = LabelOverlapLoss([0, 5, 9], label_downsample=1)
+    ddf = torch.zeros((1, spatial_dims, *shape))
+    ddf[:, 0] = 3.0
+    ones = torch.ones((1, 1, *shape))
+    assert float(loss(ones, ones, ddf=ddf, moving_label=moving, fixed_label=labels)) < 1e-4
+    assert float(loss(ones, ones, ddf=torch.zeros_like(ddf), moving_label=moving, fixed_label=labels)) > 0.2
+
+
+def test_dice_similarity_needs_label_values_and_builds_the_overlap_loss():
+    with pytest.raises(ValueError, match="label_values"):
+        build_similarity("dice", 3)
+    assert isinstance(build_similarity("dice", 3, label_values=[0, 1, 2]), LabelOverlapLoss)
+    assert FEATURE_NET_OF["dice"] is None

@@ -22,7 +22,7 @@ __all__ = ["main", "build_parser", "LOSSES"]
 
 #: the similarity losses, listed in the help texts; equal to deepsim.losses.SIMILARITY_NAMES
 #: (tested), spelled out here so that ``deepsim --help`` does not import torch and MONAI
-LOSSES = ("mse", "ncc", "ncc-sup", "nmi", "mind", "deepsim-ae", "deepsim-seg")
+LOSSES = ("mse", "ncc", "ncc-sup", "nmi", "mind", "deepsim-ae", "deepsim-seg", "dice")
 
 _EPILOG = """examples:
   deepsim run                              # whole pipeline on the embedded brains (CPU, ~12 min)
@@ -211,7 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
         "ITK's DisplacementFieldTransform, SimpleITK and ANTs apply it — except for a fixed image with sheared "
         "voxel axes, which ITK cannot represent: then only nibabel and deepsim warp read it), jacobian_det.nii.gz, "
         "warped_label.nii.gz (with --moving-label), affine.tfm (the affine stage, ITK format) and "
-        "registration.json (Dice before/after with both label maps, folding %%, std log|J|, stages, timings). "
+        "registration.json (Dice before/after with both label maps, folding %%, std log|J|, stages, timings, the "
+        "contrast decision, warnings). "
+        "Contrast: by default (--contrast auto) deepsim measures whether the two images share a contrast (a T1 "
+        "against a T2 or PD image correlates negatively inside the brain) and picks the path: one contrast, the NCC "
+        "affine, the network and the model's loss; different contrasts, the mutual-information affine and the NMI "
+        "loss, without the network (trained on one contrast). Give --contrast same or different when you know. "
+        "A result that looks wrong (less similar than the inputs, an implausible affine: scale, shear, reflection, "
+        "a huge shift; a declared contrast the images contradict) is reported as a 'deepsim: warning:' line and in "
+        "registration.json's warnings. "
         "Nothing is written if any step fails; --out must be a new or empty folder, or one deepsim register wrote "
         "(--overwrite for others), and no output ever replaces an input.",
         epilog="examples:\n"
@@ -219,8 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --fixed-label FL.nii.gz --moving-label ML.nii.gz "
         "--out reg/\n"
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --network-only --out reg/   # network alone, fastest\n"
-        "  deepsim register --fixed F.nii.gz --moving M.nii.gz --no-network --loss mind --affine-metric mi "
-        "--out reg/   # other contrast\n"
+        "  deepsim register --fixed T1w.nii.gz --moving T2w.nii.gz --contrast different --out reg/   # T1 to T2\n"
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --model deepsim_output --similarity mse --out reg/\n"
         "  deepsim register --pairs pairs.csv --out reg/        # many pairs, model loaded once\n"
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --model models:/deepsim-brain_mri@best --tracking-uri "
@@ -256,9 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the affine stage (the default; kept for old command lines)")
     stages.add_argument("--no-affine", dest="affine", action="store_false",
                         help="skip the affine stage: the images are already aligned in world space")
-    stages.add_argument("--affine-metric", choices=["ncc", "mi"], default="ncc",
-                        help="affine metric: global NCC (same contrast) or mutual information (different contrasts)")
-    stages.add_argument("--no-network", dest="network", action="store_false", default=True,
+    stages.add_argument("--contrast", choices=["auto", "same", "different"], default="auto",
+                        help="whether the two images share an MRI contrast (T1w to T1w: same; T1w to T2w, FLAIR or "
+                        "PDw: different); auto (default) measures it. It picks the defaults of --affine-metric, "
+                        "--loss and the network (same: ncc, the model's loss, the network; different: mi, nmi, "
+                        "no network); options given explicitly win")
+    stages.add_argument("--affine-metric", choices=["ncc", "mi"], default=None,
+                        help="affine metric: global NCC (same contrast) or mutual information (different contrasts); "
+                        "default: from --contrast")
+    stages.add_argument("--no-network", dest="network", action="store_false", default=None,
                         help="skip the network: affine + instance optimisation from the identity (classical)")
     stages.add_argument("--network-only", action="store_true",
                         help="the network's prediction alone: no affine stage, no instance optimisation (fastest; "
@@ -273,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "see docs/instance_optimisation.md)")
     stages.add_argument("--loss", default=None,
                         choices=["ncc", "mse", "mind", "nmi", "deepsim-ae", "deepsim-seg"],
-                        help="instance optimisation loss (default: the model's own; deepsim-* need the model's "
-                        "feature net beside it; mind or nmi for different contrasts)")
+                        help="instance optimisation loss (default: from --contrast: the model's own for one "
+                        "contrast, nmi for different contrasts; deepsim-* need the model's feature net beside it)")
     stages.add_argument("--learning-rate", type=_POSITIVE, default=None,
                         help="instance optimisation: the longest step, in voxels of each level (default: 0.5)")
     rg.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu or cuda:0")
@@ -317,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output NIfTI path (.nii.gz or .nii); never one of the inputs")
     wp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     wp.add_argument("--label", action="store_true", help="nearest-neighbour resampling of a label map")
+    _add_cohort_parsers(sub)
     sy = sub.add_parser(
         "sync-runs",
         help="copy MLflow runs from one tracking store to another (e.g. a local fallback store to the server)",
@@ -333,6 +347,74 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():
         _add_verbosity(command, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_cohort_parsers(sub) -> None:
+    """``deepsim cohort`` (a BIDS App: BIDS_DIR OUTPUT_DIR participant|group) and ``deepsim cohort-example``."""
+    co = sub.add_parser(
+        "cohort", help="register a whole BIDS study to a template and back; group QC report (docs/cohort.md)",
+        description="participant: register every T1w image of BIDS_DIR (or of --subjects CSV) to the template and "
+        "write BIDS derivatives into OUTPUT_DIR (the T1w in template space, both transforms as ITK displacement "
+        "fields, the atlas in each subject, the Jacobian determinant); subjects already complete are skipped, a "
+        "failed subject is recorded (failures.csv) and the others go on (exit 1 at the end). group: the metrics "
+        "table, outliers and overlays in OUTPUT_DIR/group_report.html, one MLflow run for the study. Under torchrun "
+        "the subjects are shared among the ranks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    co.add_argument("bids_dir", type=Path, metavar="BIDS_DIR", help="the BIDS dataset (read only; '-' with --subjects)")
+    co.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="the derivatives folder")
+    co.add_argument("analysis_level", choices=["participant", "group"], help="participant or group")
+    co.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL", help="only these subjects")
+    co.add_argument("--subjects", type=Path, default=None, metavar="CSV",
+                    help="instead of BIDS_DIR: a CSV with columns subject, t1w[, session, labels]")
+    co.add_argument("--template", default=None, help="MNI152NLin2009aSym[:res-N] (shipped, the default) or a NIfTI T1")
+    co.add_argument("--atlas", default=None, help="label map on the template's grid (default: its tissue classes)")
+    co.add_argument("--labels-dir", default=None, help="derivatives with sub-X[_ses-Y]_desc-<atlas>_dseg.nii.gz "
+                    "per subject, in the atlas's labels, for Dice")
+    co.add_argument("--speed", choices=["accurate", "fast"], default="accurate",
+                    help="fast: instance optimisation stops at half resolution (the CPU schedule)")
+    co.add_argument("--model", default=None, help="registration model (as deepsim register --model); default shipped")
+    co.add_argument("--device", type=_device, default="cpu", help="torch device (under torchrun: each rank's GPU)")
+    co.add_argument("--batch-size", type=_PAIRS, default=1, help="subjects registered together")
+    co.add_argument("--workers", type=_COUNT, default=0, help="DataLoader processes reading the images")
+    co.add_argument("--tracking-uri", default=None, help="MLflow URI (group; default sqlite:///OUTPUT_DIR/mlflow.db)")
+    co.add_argument("--overwrite", action="store_true", help="write into a non-empty folder deepsim did not create")
+    co.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ex = sub.add_parser("cohort-example", help="write a small BIDS study made from the embedded brains",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ex.add_argument("bids_dir", type=Path, metavar="BIDS_DIR", help="a new or empty folder")
+    ex.add_argument("--subjects", type=_PAIRS, default=8, help="number of subjects")
+    ex.add_argument("--spacing", type=_POSITIVE, default=2.0, metavar="MM", help="voxel size")
+    ex.add_argument("--seed", type=_SEED, default=0, help="random seed")
+
+
+def _cohort(args: argparse.Namespace) -> int:
+    from deepsim.errors import DatasetError
+
+    if args.analysis_level == "group":
+        from deepsim.workflows.cohort_group import run_group
+
+        result = run_group(args.output_dir, args.tracking_uri, "deepsim " + " ".join(sys.argv[1:]))
+        print(f"{len(result['rows'])} subjects, {len(result['failed'])} failed: {result['report']}")
+        if result["failed"]:
+            raise DatasetError(f"{len(result['failed'])} subject(s) failed; see {result['failures']}")
+        return 0
+    from deepsim.workflows.cohort import CohortSettings, run_cohort
+
+    bids_dir = None if str(args.bids_dir) == "-" else args.bids_dir
+    if bids_dir is None and args.subjects is None:
+        raise UsageError("BIDS_DIR '-' needs --subjects CSV")
+    settings = CohortSettings(template=args.template, atlas=args.atlas, speed=args.speed, model=args.model,
+                              device=args.device, batch_size=args.batch_size, workers=args.workers,
+                              labels_dir=args.labels_dir, progress=not args.no_progress)
+    run, total = run_cohort(bids_dir, args.output_dir, settings, args.participant_label, args.subjects,
+                            args.overwrite)
+    print(f"{len(run.done)} registered, {total - len(run.done) - len(run.failed)} already complete or another "
+          f"rank's, {len(run.failed)} failed: {args.output_dir}")
+    if run.failed:
+        first = next(iter(run.failed.items()))
+        raise DatasetError(f"{len(run.failed)} subject(s) failed ({first[0]}: {first[1]}); see "
+                           f"{args.output_dir / 'failures.csv'}")
+    return 0
 
 
 def _user_error(exc: BaseException) -> DeepsimError | None:
@@ -522,12 +604,13 @@ def _compare(args: argparse.Namespace, command: list[str]) -> int:
 
 def _register_stages(args: argparse.Namespace) -> dict:
     """The stage options of ``deepsim register`` as keyword arguments of ``register_files``."""
-    if args.network_only and not args.network:
+    if args.network_only and args.network is False:
         raise UsageError("--network-only and --no-network exclude each other")
     if args.network_only:
-        return {"affine": False, "network": True, "iterations": 0}
+        return {"affine": False, "network": True, "iterations": 0, "contrast": args.contrast}
     return {"affine": args.affine, "network": args.network, "iterations": args.iterations, "loss": args.loss,
-            "learning_rate": args.learning_rate, "affine_metric": args.affine_metric, "transform": args.transform}
+            "learning_rate": args.learning_rate, "affine_metric": args.affine_metric, "contrast": args.contrast,
+            "transform": args.transform}
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -557,6 +640,10 @@ def _register(args: argparse.Namespace) -> int:
         print(f"{name:13s} {path}")
     summary = [f"{key} {report[key]:.4f}" for key in ("dice_before", "dice_after_affine", "dice_after",
                                                         "folding_pct", "std_log_jacobian") if key in report]
+    contrast = report["contrast"]
+    how = "detected" if contrast["requested"] == "auto" else "given"
+    relation = "not measured" if contrast["relation"] is None else f"rank correlation {contrast['relation']:.2f}"
+    summary.append(f"contrast {contrast['used']} ({how}; {relation})")
     print("; ".join(summary + [f"time {report['timings']['total_s']:.2f} s"]))
     return 0
 
@@ -594,6 +681,13 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args, ["deepsim", *(sys.argv[1:] if argv is None else argv)])
         if args.command == "register":
             return _register(args)
+        if args.command == "cohort":
+            return _cohort(args)
+        if args.command == "cohort-example":
+            from deepsim.data.example_study import make_example_dataset
+
+            print(make_example_dataset(args.bids_dir, args.subjects, args.spacing, args.seed))
+            return 0
         if args.command == "warp":
             from deepsim.registration.inference import apply_field
 

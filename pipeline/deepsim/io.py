@@ -18,6 +18,7 @@ import numpy as np
 from isal import igzip
 
 from deepsim.errors import DatasetError
+from deepsim.grid_check import check_affine
 
 __all__ = ["atomic_write", "load_displacement", "load_volume", "make_staging_dir", "read_image", "save_displacement",
            "save_itk_affine", "save_like", "save_volume", "file_mode", "has_shear", "affine_in_mm",
@@ -152,8 +153,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Head
     """Read any NIfTI image -> (array, 4x4 voxel->RAS affine, header); trailing length-1 axes are dropped.
 
     Only trailing axes are squeezed (a 2D slice stored as (X, Y, 1) becomes (X, Y)), so the affine's columns
-    still match the array's axes. DatasetError names the file when it is missing, unreadable, empty or has
-    NaN/infinite voxels.
+    still match the array's axes. DatasetError names the file when it is missing, unreadable, empty, has
+    NaN/infinite voxels or a grid :func:`deepsim.grid_check.check_affine` refuses.
     """
     path = Path(path)
     img, data = _read_nifti(path)
@@ -165,18 +166,10 @@ def read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Head
         raise DatasetError(f"{path}: contains NaN or infinite voxels")
     if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool) or np.iscomplexobj(data):
         raise DatasetError(f"{path}: voxel type {data.dtype} is not real-valued")
-    _check_affine(path, img.affine)
+    affine = affine_in_mm(img.affine, img.header)
+    check_affine(path, affine, data.shape[:3])
     header = img.header if isinstance(img.header, nib.Nifti1Header) else nib.Nifti1Header()
-    return data, affine_in_mm(img.affine, img.header), header
-
-
-def _check_affine(path: Path, affine: np.ndarray, ndim: int = 0) -> None:
-    """DatasetError unless the header's voxel-to-world affine is finite (NaN spacing or rotation is no geometry)
-    and, for ``ndim`` > 0, its first ``ndim`` voxel axes span ``ndim`` world axes."""
-    if affine is None or not np.isfinite(np.asarray(affine, dtype=np.float64)).all():
-        raise DatasetError(f"{path}: the header's voxel-to-world affine holds NaN or infinite values")
-    if ndim and abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:ndim, :ndim])) < 1e-12:
-        raise DatasetError(f"{path}: the header's voxel-to-world affine is singular (a zero or repeated voxel axis)")
+    return data, affine, header
 
 
 def load_volume(path: str | Path, ndim: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -190,8 +183,9 @@ def load_volume(path: str | Path, ndim: int = 3) -> tuple[np.ndarray, np.ndarray
         raise DatasetError(f"{path}: contains NaN or infinite voxels")
     if np.iscomplexobj(data):
         raise DatasetError(f"{path}: voxel type {data.dtype} is not real-valued")
-    _check_affine(path, img.affine, ndim)
-    return data, affine_in_mm(img.affine, img.header)
+    affine = affine_in_mm(img.affine, img.header)
+    check_affine(path, affine, data.shape)
+    return data, affine
 
 
 def _save_nifti(path: str | Path, img: nib.Nifti1Image) -> Path:
@@ -297,9 +291,10 @@ def load_displacement(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     ddf = np.moveaxis(data.reshape(*spatial, ndim), -1, 0).copy()
     if not np.isfinite(ddf).all():
         raise DatasetError(f"{path}: contains NaN or infinite displacements")
-    _check_affine(path, img.affine, ndim)
+    affine = affine_in_mm(img.affine, img.header)
+    check_affine(path, affine, spatial)
     ddf[:2] *= -1.0  # LPS -> RAS components
-    return ddf, affine_in_mm(img.affine, img.header)
+    return ddf, affine
 
 
 def save_itk_affine(path: str | Path, matrix: np.ndarray, ndim: int = 3) -> Path:

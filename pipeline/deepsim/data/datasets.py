@@ -52,6 +52,8 @@ __all__ = [
     "DEFAULT_TRAIN_DONORS",
     "DEFAULT_TEST_DONORS",
     "prepare_embedded_brains",
+    "load_embedded_donors",
+    "align_donors",
     "prepare_user_dataset",
     "load_datalist",
     "write_volume",
@@ -249,18 +251,11 @@ def prepare_embedded_brains(
                          "synthesis_seed": _seed(seed, donor, "test-synthesis", k), "augmentation_seed": None})  # fmt: skip
 
     # Load each donor once (1 mm, RAS, coarse crop) with its brain masks; jobs only synthesise and resample.
-    paths = embedded_label_paths()
-    loaded: dict[str, dict] = {}
-    for donor in tqdm(train_donors + test_donors, desc="load donors", disable=not progress, unit="donor"):
-        item = Chain(loading_transforms(None))({"label": str(paths[donor])})
-        label = item["label"]
-        spacing = np.linalg.norm(label.affine.numpy()[:3, :3], axis=0)
-        item["masks"] = brain_mask(label[0].numpy(), spacing)
-        loaded[donor] = item
+    loaded = load_embedded_donors(train_donors + test_donors, progress)
     label_values = sorted({int(v) for it in loaded.values() for v in torch.unique(it["label"]).tolist()} | {0})
     if alignment == "affine":
-        grid_affine, transforms = _align_donors(loaded, str(reference_donor), float(spacing_mm), roi, seed, progress,
-                                                aligner)
+        grid_affine, transforms = align_donors(loaded, str(reference_donor), float(spacing_mm), roi, seed, progress,
+                                               aligner)
 
     tmp_dir = make_staging_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     normalise = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
@@ -309,9 +304,26 @@ def _to_common_grid(data: dict, transform, grid_affine: np.ndarray, roi: Sequenc
     return {"image": normalise(volumes["image"].float()), "label": volumes["label"].to(torch.int32)}
 
 
-def _align_donors(loaded: dict[str, dict], reference: str, spacing_mm: float, roi: Sequence[int], seed: int,
-                  progress: bool, aligner: Aligner) -> tuple[np.ndarray, dict]:
-    """Affine transform of every donor into ``reference``'s space, and the common grid (centred on its brain)."""
+def load_embedded_donors(donors: Sequence[str], progress: bool = False) -> dict[str, dict]:
+    """Each donor's 1 mm DK label map, loaded, RAS and coarsely cropped, with its brain masks:
+    ``{donor: {"label": MetaTensor (1, *S) float32, "masks": brain_mask(...)}}``."""
+    paths = embedded_label_paths()
+    loaded: dict[str, dict] = {}
+    for donor in tqdm(list(donors), desc="load donors", disable=not progress, unit="donor"):
+        item = Chain(loading_transforms(None))({"label": str(paths[donor])})
+        label = item["label"]
+        spacing = np.linalg.norm(label.affine.numpy()[:3, :3], axis=0)
+        item["masks"] = brain_mask(label[0].numpy(), spacing)
+        loaded[donor] = item
+    return loaded
+
+
+def align_donors(loaded: dict[str, dict], reference: str, spacing_mm: float, roi: Sequence[int], seed: int,
+                 progress: bool, aligner: Aligner) -> tuple[np.ndarray, dict]:
+    """Affine transform of every loaded item (``{"label", "masks"}``, as :func:`load_embedded_donors` gives) into
+    ``reference``'s space, estimated by ``aligner`` on synthesised T1-like images, and the common grid's affine
+    (``roi`` voxels of ``spacing_mm``, centred on the reference brain). Transforms map grid points into the item's
+    world (None for the reference)."""
     if reference not in loaded:
         raise DatasetError(f"reference donor {reference!r} is not among the prepared donors {sorted(loaded)}")
     synth = {d: SynthesizeT1d(seed=_seed(seed, "alignment"), mask_key="masks")(item)["image"]

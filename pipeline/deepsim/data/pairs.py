@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 
 from deepsim.data.datasets import DATALIST, _publish, load_datalist, write_volume
 from deepsim.data.synthesis import sample_synthesis_params, synthesize_t1
-from deepsim.errors import DatasetError
+from deepsim.errors import DatasetError, first_line
+from deepsim.grid_check import check_affine
 from deepsim.io import make_staging_dir
 
 __all__ = ["PairDataset", "SubjectImages", "make_toy_dataset"]
@@ -32,7 +33,8 @@ def _read(path: str, dtype: torch.dtype) -> MetaTensor:
     except FileNotFoundError:
         raise DatasetError(f"{path} does not exist; prepare the dataset again") from None
     except Exception as exc:
-        raise DatasetError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from None
+        raise DatasetError(f"{path} is not a readable image ({type(exc).__name__}: {first_line(exc)})") from None
+    check_affine(path, img.affine, array.shape)
     tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)[None]
     return MetaTensor(tensor, affine=torch.as_tensor(img.affine, dtype=torch.float64), meta={"filename_or_obj": path})
 

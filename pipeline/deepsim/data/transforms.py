@@ -41,7 +41,9 @@ from monai.transforms import (
 )
 
 from deepsim.data.synthesis import SynthesizeT1d
-from deepsim.errors import DatasetError
+from deepsim.errors import DatasetError, first_line
+from deepsim.grid_check import check_affine, check_extent
+from deepsim.io import affine_in_mm
 
 __all__ = [
     "Chain",
@@ -51,6 +53,7 @@ __all__ = [
     "ValidateFilesd",
     "ValidateValuesd",
     "LoadFilesd",
+    "CheckExtentd",
     "loading_transforms",
     "grid_transforms",
     "preprocessing_transforms",
@@ -102,7 +105,7 @@ def _header(path: Path) -> nib.spatialimages.SpatialImage:
     try:
         return nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for broken files
-        raise DatasetError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from None
+        raise DatasetError(f"{path} is not a readable image ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _spatial_shape(img: nib.spatialimages.SpatialImage, path: Path) -> tuple[int, ...]:
@@ -114,17 +117,8 @@ def _spatial_shape(img: nib.spatialimages.SpatialImage, path: Path) -> tuple[int
         raise DatasetError(f"{path} has {len(img.shape)} dimensions {tuple(img.shape)}; expected a 3D volume")
     if img.get_data_dtype().kind == "c":
         raise DatasetError(f"{path}: voxel type {img.get_data_dtype()} is complex; expected real values")
-    _check_geometry(path, img.affine)
+    check_affine(path, affine_in_mm(img.affine, img.header), shape)
     return shape
-
-
-def _check_geometry(path: object, affine: np.ndarray) -> None:
-    """DatasetError unless ``affine`` (4x4 voxel -> world) is finite with three independent voxel axes."""
-    affine = np.asarray(affine, dtype=np.float64)
-    if not np.isfinite(affine).all():
-        raise DatasetError(f"{path}: the header's voxel-to-world affine holds NaN or infinite values")
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise DatasetError(f"{path}: the header's voxel-to-world affine is singular (a zero or repeated voxel axis)")
 
 
 class ValidateFilesd(MapTransform):
@@ -170,10 +164,10 @@ class LoadFilesd(MapTransform):
             try:
                 d = self.loaders[key](d)
             except Exception as exc:  # nibabel/zlib/MONAI raise many types for a damaged file
-                reason = (str(exc).splitlines() or [""])[0][:200]
-                raise DatasetError(f"{path} is not a readable image ({type(exc).__name__}: {reason})") from None
+                reason = f"{type(exc).__name__}: {first_line(exc)}"
+                raise DatasetError(f"{path} is not a readable image ({reason})") from None
             # MONAI may read another of the header's two affines (qform/sform) than nibabel's choice checked before
-            _check_geometry(path, d[key].affine.numpy())
+            check_affine(path, d[key].affine.numpy(), d[key].shape[1:])
         return d
 
 
@@ -214,6 +208,26 @@ class ValidateValuesd(MapTransform):
         return d
 
 
+class CheckExtentd(MapTransform):
+    """Checks, before resampling to ``spacing_mm``, that the grid of ``data[key]`` (a MetaTensor (C, *S) with its
+    affine) gives a sensible number of voxels (:func:`deepsim.grid_check.check_extent`): a wrong voxel size or unit
+    in a header otherwise makes ``Spacingd`` allocate billions of voxels (measured: a 6^3 label map of 1 m voxels
+    failed with a RuntimeError) or keep one."""
+
+    def __init__(self, key: str, spacing_mm: float) -> None:
+        super().__init__([key])
+        self.spacing_mm = float(spacing_mm)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            volume = d[key]
+            path = ValidateValuesd._name(volume, str(key))
+            check_extent(path, np.asarray(volume.affine, dtype=np.float64), volume.shape[1:], self.spacing_mm,
+                         "the dataset's")
+        return d
+
+
 def loading_transforms(image_key: str | None = "image", label_key: str = "label", coarse_margin: int = 8) -> list:
     """Validate, load channel-first (float32), reorient to RAS, crop to the label foreground + ``coarse_margin`` voxels."""
     keys = [k for k in (image_key, label_key) if k is not None]
@@ -234,12 +248,14 @@ def grid_transforms(
     label_key: str = "label",
     margin: int = 2,
 ) -> list:
-    """Resample to ``spacing_mm``, crop to the label foreground + ``margin`` voxels, centre pad/crop to
-    ``roi_size``, normalise the image to [0, 1] (percentiles 0.5/99.5, clipped), cast labels to int32."""
+    """Check the grid's size at ``spacing_mm``, resample to it, crop to the label foreground + ``margin`` voxels,
+    centre pad/crop to ``roi_size``, normalise the image to [0, 1] (percentiles 0.5/99.5, clipped), cast labels to
+    int32."""
     keys = [image_key, label_key]
     if len(roi_size) != 3 or any(int(n) <= 0 for n in roi_size):
         raise ValueError(f"roi_size must be 3 positive ints, got {roi_size}")
     return [
+        CheckExtentd(label_key, spacing_mm),
         Spacingd(keys, pixdim=(spacing_mm,) * 3, mode=("bilinear", "nearest"), padding_mode="zeros", dtype=np.float32),
         CropForegroundd(keys, source_key=label_key, margin=margin, allow_smaller=True),
         ResizeWithPadOrCropd(keys, spatial_size=tuple(int(n) for n in roi_size)),

@@ -37,6 +37,7 @@ from deepsim.engine.checkpoints import describe_mismatch, load_failure, plain_va
 from deepsim.engine.distributed import is_main_process, unwrap
 from deepsim.errors import CheckpointError, ConfigError
 from deepsim.io import atomic_write
+from deepsim.tracking.active import active_run_id
 
 __all__ = ["STATE_FORMAT", "ResumableLoader", "TrainingState", "get_rng_state", "load_state", "set_rng_state",
            "state_path"]
@@ -84,8 +85,12 @@ def _skip(loader: Any, batches: int) -> Iterator:
     """An iterator over ``loader`` that starts after its first ``batches`` batches.
 
     A sequential map-style DataLoader (our registration stages: pair ``i`` depends on ``(seed, i)`` only) starts at
-    the right index without loading the skipped items; any other loader is iterated and its batches dropped.
+    the right index without loading the skipped items, and so does a loader with a ``skip(batches)`` method (the
+    synthetic stream, :class:`deepsim.data.synthetic_stream.SyntheticStream`); any other loader is iterated and its
+    batches dropped.
     """
+    if hasattr(loader, "skip"):
+        return iter(loader.skip(batches))
     if batches and isinstance(loader, DataLoader) and type(loader.sampler) is SequentialSampler \
             and loader.batch_size is not None:
         start = batches * loader.batch_size
@@ -203,12 +208,11 @@ class TrainingState:
     def save(self, engine: Engine, complete: bool = False) -> None:
         if not is_main_process():
             return
-        import mlflow
-
-        run = mlflow.active_run()
+        # a run stopped early (time limit, interruption) ends its engine too, but is not complete: resuming it continues
+        planned = int(engine.state.max_epochs) * int(engine.state.epoch_length)
         payload = {
             "format": STATE_FORMAT,
-            "complete": bool(complete),
+            "complete": bool(complete) and int(engine.state.iteration) >= planned,
             "iteration": int(engine.state.iteration),
             "max_epochs": int(engine.state.max_epochs),
             "epoch_length": int(engine.state.epoch_length),
@@ -219,7 +223,7 @@ class TrainingState:
             "stateful": {name: obj.state_dict() for name, obj in self.stateful.items()},
             "metrics": {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))},
             "fingerprint": self.fingerprint,
-            "mlflow_run_id": run.info.run_id if run is not None else None,
+            "mlflow_run_id": active_run_id(),
         }
         atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
 

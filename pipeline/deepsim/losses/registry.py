@@ -3,7 +3,8 @@
 Every loss is a module ``loss(warped, fixed) -> scalar`` that is smallest for identical inputs and grows with
 dissimilarity. Names: ``mse``, ``ncc`` (local NCC, :mod:`.ncc`), ``deepsim-ae`` and ``deepsim-seg`` (DeepSim with a frozen
 auto-encoder or segmentation feature net), and the paper's other baselines ``nmi`` (normalised mutual information,
-:mod:`.nmi`), ``mind`` (MIND-SSC, :mod:`.mind`) and ``ncc-sup`` (local NCC plus a label term).
+:mod:`.nmi`), ``mind`` (MIND-SSC, :mod:`.mind`) and ``ncc-sup`` (local NCC plus a label term), and ``dice``
+(the label term alone, :mod:`.supervised`: SynthMorph's loss on synthetic pairs).
 All are 0 for identical inputs except ``nmi``, whose Parzen estimate keeps it above 0 (see its module).
 
 A loss that compares label maps too has a class attribute ``needs_labels = True`` and is called as
@@ -22,7 +23,7 @@ from deepsim.losses.mind import MINDSSCLoss
 from deepsim.losses.mse import MSELoss
 from deepsim.losses.ncc import LocalNCCLoss
 from deepsim.losses.nmi import NMILoss
-from deepsim.losses.supervised import NCCSupLoss
+from deepsim.losses.supervised import LabelOverlapLoss, NCCSupLoss
 
 __all__ = ["SIMILARITY_NAMES", "FEATURE_NET_OF", "build_similarity"]
 
@@ -42,6 +43,12 @@ def _ncc_sup(spatial_dims: int, feature_net: nn.Module | None = None, label_valu
     return NCCSupLoss(label_values, spatial_dims, **kwargs)
 
 
+def _dice(spatial_dims: int, feature_net: nn.Module | None = None, label_values=None, **kwargs) -> nn.Module:
+    if label_values is None:
+        raise ValueError("similarity 'dice' needs label_values (the 'label_values' of the prepared datalist)")
+    return LabelOverlapLoss(label_values, **kwargs)
+
+
 # Each builder takes (spatial_dims, feature_net=None, label_values=None, **loss_kwargs) and ignores what it needs not.
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mse": lambda spatial_dims, feature_net=None, label_values=None, **kw: MSELoss(),
@@ -51,12 +58,14 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "nmi": lambda spatial_dims, feature_net=None, label_values=None, **kw: NMILoss(**kw),
     "mind": lambda spatial_dims, feature_net=None, label_values=None, **kw: MINDSSCLoss(spatial_dims, **kw),
     "ncc-sup": _ncc_sup,
+    "dice": _dice,
 }
 SIMILARITY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 #: Which pretrained feature net each similarity needs ("ae", "seg" or None).
 FEATURE_NET_OF: dict[str, str | None] = {
     "mse": None, "ncc": None, "deepsim-ae": "ae", "deepsim-seg": "seg", "nmi": None, "mind": None, "ncc-sup": None,
+    "dice": None,
 }  # fmt: skip
 
 

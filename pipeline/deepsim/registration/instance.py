@@ -43,9 +43,9 @@ from deepsim.registration.fields import (ddf_to_normalised, integrate_velocity, 
                                          normalised_to_ddf, resize_field, sample)
 from deepsim.registration.plateau import Plateau
 
-__all__ = ["InstanceOptimisation", "InstanceResult", "GreedyStep", "instance_similarity", "integrate_velocity",
-           "ddf_to_normalised", "normalised_to_ddf", "default_transform", "TEST_TIME_SETTINGS", "TRANSFORMS",
-           "DEFAULT_TRANSFORM"]
+__all__ = ["InstanceOptimisation", "InstanceResult", "GreedyStep", "instance_similarity", "test_time_loss",
+           "LABEL_LOSSES", "integrate_velocity", "ddf_to_normalised", "normalised_to_ddf", "default_transform",
+           "TEST_TIME_SETTINGS", "TRANSFORMS", "DEFAULT_TRANSFORM"]
 
 #: the transform models (module docstring)
 TRANSFORMS = ("greedy", "symmetric", "svf")
@@ -60,10 +60,21 @@ def default_transform(similarity) -> str:
 
     return "greedy" if DEFAULT_TRANSFORM == "symmetric" and isinstance(similarity, DeepSimLoss) else DEFAULT_TRANSFORM
 
+
 #: Settings of a similarity at test time that differ from training: local NCC over 5-voxel windows (ANTs' CC
 #: radius 2) rather than the paper's 9, measured better for instance optimisation on the 2 mm brains
 #: (benchmarks/results/instance_optimisation_cpu.md).
 TEST_TIME_SETTINGS: dict[str, dict] = {"ncc": {"window": 5}}
+
+
+#: losses that compare label maps, which a pair to register does not have: their networks are refined with local NCC
+LABEL_LOSSES = ("ncc-sup", "dice")
+
+
+def test_time_loss(network_loss: str | None) -> str:
+    """The instance optimisation loss for a network trained with ``network_loss``: its own, or local NCC where
+    that loss needs labels (or there is no network)."""
+    return "ncc" if network_loss is None or network_loss in LABEL_LOSSES else network_loss
 
 
 def instance_similarity(name: str, spatial_dims: int, models_dir=None, device: torch.device | str = "cpu") -> nn.Module:
@@ -71,9 +82,10 @@ def instance_similarity(name: str, spatial_dims: int, models_dir=None, device: t
     loss; the DeepSim losses load ``<models_dir>/feature_<kind>.pt``. ``ncc-sup`` needs labels: ValueError."""
     from deepsim.registration.objective import build_objective
 
-    if name == "ncc-sup":
-        raise ValueError("ncc-sup compares label maps, which a pair to register does not have; use ncc")
+    if name in LABEL_LOSSES:
+        raise ValueError(f"{name} compares label maps, which a pair to register does not have; use ncc")
     return build_objective(name, 0.0, spatial_dims, models_dir, device, **TEST_TIME_SETTINGS.get(name, {})).similarity
+
 
 def _diffusion(v: torch.Tensor) -> torch.Tensor:
     """Mean squared forward difference of ``v`` (B, ndim, *S) along every axis (in its own units)."""

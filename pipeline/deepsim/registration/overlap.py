@@ -1,14 +1,10 @@
-"""Geometry checks before and after registering or warping: images that do not overlap, grids of absurd size.
+"""Overlap checks before and after registering or warping: images that do not overlap.
 
 Resampling reads 0 outside an image, so two images placed 1 m apart in world space register "successfully" to an
-all-zero result, and a file whose header declares the wrong voxel size (or unit) gives a working grid of a handful
-of voxels or of billions. These checks turn both into one-line errors before anything is written, and a partial
-overlap into one warning line:
-
-- :func:`check_extent`: the fixed image spans at least :data:`MIN_WORKING_VOXELS` model voxels along every axis and
-  its working grid holds at most :data:`MAX_WORKING_VOXELS` voxels;
-- :func:`check_overlap`: the fraction of the fixed image's points (mapped by the transform, when there is one) that
-  fall inside the moving image's field of view: none is a DatasetError, less than :data:`WARN_OVERLAP` a warning.
+all-zero result. :func:`check_overlap` turns that into a one-line error before anything is written, and a partial
+overlap into one warning line: the fraction of the fixed image's points (mapped by the transform, when there is
+one) that fall inside the moving image's field of view: none is a DatasetError, less than :data:`WARN_OVERLAP` a
+warning. Grids of absurd size are :func:`deepsim.grid_check.check_extent`'s job.
 """
 
 from __future__ import annotations
@@ -22,13 +18,8 @@ import torch
 from deepsim.errors import DatasetError
 from deepsim.geometry import Grid, apply_affine, grid_points
 
-__all__ = ["MIN_WORKING_VOXELS", "MAX_WORKING_VOXELS", "WARN_OVERLAP", "inside_fraction", "check_extent",
-           "check_overlap"]
+__all__ = ["WARN_OVERLAP", "inside_fraction", "check_overlap"]
 
-#: fewer model voxels than this along an axis: the header's voxel size or unit is wrong (or the image is no scan)
-MIN_WORKING_VOXELS = 4
-#: more working-grid voxels than this (2**28: 645^3, 23 GB for one float32 field of 3 components at 1 mm) is refused
-MAX_WORKING_VOXELS = 2**28
 #: below this fraction of overlap the result is mostly 0: warned about
 WARN_OVERLAP = 0.5
 
@@ -50,30 +41,6 @@ def inside_fraction(points: torch.Tensor, grid: Grid) -> float:
     upper = torch.tensor(grid.shape, dtype=voxel.dtype, device=voxel.device).view(ndim, 1) - 0.5
     inside = ((voxel >= -0.5) & (voxel <= upper)).all(dim=0)
     return float(inside.double().mean()) if inside.numel() else 0.0
-
-
-def _extent_mm(grid: Grid) -> np.ndarray:
-    """Side lengths (mm) of the world bounding box of the grid's voxel centres."""
-    corners = np.array(np.meshgrid(*[[0, n - 1] for n in grid.shape], indexing="ij")).reshape(grid.ndim, -1)
-    linear = np.asarray(grid.affine, dtype=np.float64)[:grid.ndim, :grid.ndim]
-    world = linear @ corners
-    return world.max(axis=1) - world.min(axis=1)
-
-
-def check_extent(fixed: Grid, spacing_mm: float, path: str | Path) -> None:
-    """DatasetError when ``fixed`` is absurdly small or large for a model of ``spacing_mm``: a wrong voxel size or
-    unit in the header (a brain in metres read as millimetres spans 0.2 mm; one in microns 180 m)."""
-    extent = _extent_mm(fixed)
-    voxels = np.floor(extent / spacing_mm + 1e-6) + 1
-    size = " x ".join(f"{e:.3g}" for e in extent)
-    if voxels.min() < MIN_WORKING_VOXELS:
-        raise DatasetError(f"{path}: the image spans {size} mm, less than {MIN_WORKING_VOXELS} voxels of the model's "
-                           f"{spacing_mm:g} mm spacing along an axis; check the header's voxel size and units "
-                           "(NIfTI xyzt_units: meter, mm or micron)")
-    if float(np.prod(voxels)) > MAX_WORKING_VOXELS:
-        raise DatasetError(f"{path}: the image spans {size} mm, which needs {int(np.prod(voxels)):,} voxels at the "
-                           f"model's {spacing_mm:g} mm spacing (at most {MAX_WORKING_VOXELS:,}); check the header's "
-                           "voxel size and units (NIfTI xyzt_units: meter, mm or micron)")
 
 
 def check_overlap(points: torch.Tensor | Grid, moving: Grid, moving_path: str | Path, fixed_path: str | Path,

@@ -33,7 +33,7 @@ from deepsim.geometry import (Grid, apply_affine, clamp_to_grid, grid_points, ho
 from deepsim.registration.affine import AffineRegistration, AffineResult
 from deepsim.registration.fields import (ddf_to_normalised, identity_normalised, invert_displacement,
                                          normalised_to_ddf, sample)
-from deepsim.registration.instance import InstanceOptimisation, InstanceResult
+from deepsim.registration.instance import InstanceOptimisation, InstanceResult, test_time_loss
 from deepsim.spatial import ddf_voxel_to_world
 
 __all__ = ["HYBRID", "Registrar", "Registration", "method_registrar", "parse_method", "registrar_params",
@@ -212,7 +212,7 @@ def parse_method(method: str) -> tuple[bool, str | None, str | None]:
 
     ``identity``; ``affine``; ``affine+io`` (local NCC); ``<loss>`` (the network alone, no affine: as trained);
     ``affine+<loss>`` (affine, then the network); ``<loss>+io`` (affine, network, optimisation with ``<loss>``, or
-    local NCC for ``ncc-sup``); ``<net>+io-<loss>`` and ``affine+io-<loss>`` (the optimisation loss named
+    local NCC for ``ncc-sup`` and ``dice``); ``<net>+io-<loss>`` and ``affine+io-<loss>`` (the optimisation loss named
     explicitly, e.g. ``ncc+io-deepsim-seg``: the NCC network's field refined with the DeepSim-seg loss).
     """
     if method == "identity":
@@ -224,7 +224,7 @@ def parse_method(method: str) -> tuple[bool, str | None, str | None]:
     network = head.removeprefix("affine+") if head.startswith("affine+") else (None if head == "affine" else head)
     if not io:
         return affine, network, None
-    optimiser_loss = io_loss[1:] if io_loss else ("ncc" if network in (None, "ncc-sup") else network)
+    optimiser_loss = io_loss[1:] if io_loss else test_time_loss(network)
     return True, network, optimiser_loss
 
 
@@ -237,11 +237,12 @@ def is_our_method(method: str, trained: list[str]) -> bool:
     return network is None or network in trained
 
 
-def method_registrar(method: str, models_dir, device: torch.device | str = "cpu") -> Registrar:
+def method_registrar(method: str, models_dir, device: torch.device | str = "cpu",
+                     affine_metric: str = "ncc") -> Registrar:
     """The :class:`Registrar` a method name stands for (:func:`parse_method`), in ``deepsim compare`` and the
     evaluation stage alike: every stage with its default settings, networks from ``models_dir/registration_<loss>.pt``
     and feature nets (DeepSim losses) from ``models_dir/feature_<kind>.pt``. A missing checkpoint raises
-    ConfigError."""
+    ConfigError. ``affine_metric``: the affine stage's metric (``"mi"`` for pairs of different contrasts)."""
     from deepsim.engine.checkpoints import load_network, registration_checkpoint_path
     from deepsim.errors import ConfigError
     from deepsim.registration.instance import instance_similarity
@@ -265,7 +266,8 @@ def method_registrar(method: str, models_dir, device: torch.device | str = "cpu"
         except (ValueError, OSError) as exc:
             raise ConfigError(f"method {method!r}: {exc}") from exc
         optimiser = InstanceOptimisation(similarity, loss_name=io_loss)
-    return Registrar(affine=AffineRegistration() if affine else None, network=network, optimiser=optimiser)
+    return Registrar(affine=AffineRegistration(metric=affine_metric) if affine else None, network=network,
+                     optimiser=optimiser)
 
 
 def registrar_params(registrar: Registrar) -> dict:

@@ -1,0 +1,1 @@
+"""What the command line runs: whole workflows built from the package's stages."""
