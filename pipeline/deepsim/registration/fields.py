@@ -17,8 +17,8 @@ from torch.nn import functional as F
 
 from deepsim.filters import downsample
 
-__all__ = ["sample", "identity_normalised", "compose", "integrate_velocity", "invert_displacement", "ddf_to_normalised",
-           "normalised_to_ddf", "resize_field"]
+__all__ = ["sample", "identity_normalised", "compose", "integrate_velocity", "invert_displacement", "solve_inverse",
+           "ddf_to_normalised", "normalised_to_ddf", "resize_field"]
 
 _GRIDS: dict[tuple, torch.Tensor] = {}
 
@@ -98,8 +98,29 @@ def _solve_small(matrix: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor,
     return x / det[:, None], det
 
 
-@torch.no_grad()
 def invert_displacement(u: torch.Tensor, iterations: int = 20, tolerance_voxels: float = 1e-3) -> torch.Tensor:
+    """The displacement ``v`` of (id + u)⁻¹ on the same grid (:func:`solve_inverse`, without its step count).
+    u: (B, ndim, *S) normalised -> (B, ndim, *S) normalised."""
+    return solve_inverse(u, iterations, tolerance_voxels)[0]
+
+
+def _jacobian_at(jacobian: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """I + ∇u (``jacobian``, (B, ndim², *S) row by row) read at y + v(y), as the border-continued u has it: beyond
+    the grid along axis j, u no longer changes along j, so column j there is the identity's."""
+    ndim = v.shape[1]
+    at = sample(jacobian, v)
+    outside = ((identity_normalised(v) + v).abs() > 1.0).unbind(1)
+    if not any(bool(o.any()) for o in outside):
+        return at
+    rows = list(at.unbind(1))
+    for j in range(ndim):
+        for i in range(ndim):
+            rows[i * ndim + j] = torch.where(outside[j], float(i == j), rows[i * ndim + j])
+    return torch.stack(rows, dim=1)
+
+
+@torch.no_grad()
+def solve_inverse(u: torch.Tensor, iterations: int = 20, tolerance_voxels: float = 1e-3) -> tuple[torch.Tensor, int]:
     """The displacement ``v`` of (id + u)⁻¹ on the same grid: the v with v(y) + u(y + v(y)) = 0 at every grid
     point y, solved point by point by Newton's method from v = −u.
 
@@ -110,18 +131,18 @@ def invert_displacement(u: torch.Tensor, iterations: int = 20, tolerance_voxels:
     one voxel, and points still more than half a voxel from a solution at the end, or sent farther than ``u``
     sends any point, get the estimate −u ∘ (id − u).
     Stops after ``iterations`` or once no step is longer than ``tolerance_voxels``. Points whose inverse image
-    lies outside the grid read ``u`` at the border.
-    u: (B, ndim, *S) normalised -> (B, ndim, *S) normalised."""
+    lies outside the grid read ``u`` at the border (and its derivative as that border continuation's).
+    u: (B, ndim, *S) normalised -> ((B, ndim, *S) normalised, the number of steps taken)."""
     ndim = u.shape[1]
     to_voxels = torch.tensor([max(n - 1, 1) / 2.0 for n in u.shape[2:]], device=u.device, dtype=u.dtype)
     to_voxels = to_voxels.view(1, ndim, *[1] * ndim)
     jacobian = _jacobian(u).flatten(1, 2)  # (B, ndim², *S), row by row: sampled at y + v like u
     for i in range(ndim):
         jacobian[:, i * (ndim + 1)] += 1.0  # I + ∇u
-    v = -u
-    for _ in range(iterations):
+    v, taken = -u, 0
+    for taken in range(1, iterations + 1):
         residual = v + sample(u, v)
-        step, det = _solve_small(sample(jacobian, v), residual)
+        step, det = _solve_small(_jacobian_at(jacobian, v), residual)
         step = torch.where((det > 0.05)[:, None] & step.isfinite(), step, residual)
         length = (step * to_voxels).square().sum(dim=1, keepdim=True).sqrt()
         v = v - step / length.clamp_min(1.0)
@@ -132,7 +153,7 @@ def invert_displacement(u: torch.Tensor, iterations: int = 20, tolerance_voxels:
     longest = float((u * to_voxels).square().sum(dim=1).sqrt().amax())
     unsolved = ((((v + sample(u, v)) * to_voxels).square().sum(dim=1, keepdim=True) > 0.25)
                 | ((v * to_voxels).square().sum(dim=1, keepdim=True).sqrt() > longest + 0.5))
-    return torch.where(unsolved, -sample(u, -u), v) if bool(unsolved.any()) else v
+    return (torch.where(unsolved, -sample(u, -u), v) if bool(unsolved.any()) else v), taken
 
 
 def ddf_to_normalised(ddf: torch.Tensor) -> torch.Tensor:

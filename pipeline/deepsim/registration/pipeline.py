@@ -67,7 +67,7 @@ class Registration:
 
     def inverse(self) -> torch.Tensor:
         """(id + ddf)⁻¹ − id, (1, ndim, *G) voxels of the working grid: the instance optimisation's inverse, or
-        ``ddf`` inverted by fixed-point iteration (:func:`~deepsim.registration.fields.invert_displacement`)."""
+        ``ddf`` inverted by Newton's method (:func:`~deepsim.registration.fields.invert_displacement`)."""
         if self.inverse_ddf is None:
             self.inverse_ddf = normalised_to_ddf(invert_displacement(ddf_to_normalised(self.ddf.float())))
         return self.inverse_ddf

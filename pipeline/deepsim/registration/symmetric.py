@@ -4,7 +4,7 @@ Two maps from a middle space, φ_m to the moving image and φ_f to the fixed ima
 compares ``m ∘ φ_m`` with ``f ∘ φ_f`` (both images move, neither is the reference), and each step updates both
 half-maps by composition with their own smoothed, Adam-normalised steps (:class:`~.instance.GreedyStep`), as
 ANTs' SyN and FireANTs' ``SyNRegistration`` do. At the end, on the full grid, the whole transform and its inverse
-are composed from the half-maps and their inverses (fixed-point inversion of each half, which moves only about
+are composed from the half-maps and their inverses (Newton inversion of each half, which moves only about
 half the distance and inverts accurately):
 
     φ   = φ_m ∘ φ_f⁻¹      (fixed → moving: the moving image is read at φ(x))
