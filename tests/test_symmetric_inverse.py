@@ -250,13 +250,62 @@ def test_the_symmetric_model_with_a_deepsim_loss_is_refused_before_any_work():
         _instance_optimiser(None, "deepsim-seg", 3, None, None, torch.device("cpu"), "symmetric")
 
 
-def test_the_default_transform_of_a_deepsim_loss_is_one_it_can_use():
-    """Whatever DEFAULT_TRANSFORM is, a DeepSim loss (fixed features held constant) gets greedy or the default."""
+@pytest.mark.parametrize("loss", ["ncc", "mse", "mind", "nmi"])
+def test_the_default_transform_is_greedy_for_every_intensity_loss(loss):
+    """The rule as shipped (docs/instance_optimisation.md): no --transform means greedy, whatever the loss."""
+    from deepsim.registration.inference import _instance_optimiser
+    from deepsim.registration.instance import DEFAULT_TRANSFORM
+
+    assert DEFAULT_TRANSFORM == "greedy"
+    assert _instance_optimiser(None, loss, 3, None, None, torch.device("cpu")).transform == "greedy"
+
+
+def test_deepsim_losses_stay_greedy_even_when_the_default_is_symmetric(monkeypatch):
+    """The rule's exception: a loss that holds the fixed image's features constant gets greedy when the default
+    is symmetric, and the intensity losses get the default."""
+    import deepsim.registration.instance as instance
     from deepsim.features.networks import build_feature_net
     from deepsim.losses.deepsim import DeepSimLoss
-    from deepsim.registration.instance import DEFAULT_TRANSFORM, default_transform
 
-    loss = DeepSimLoss(build_feature_net("ae", 3, channels=(4, 8)))
-    assert default_transform(loss) in ({"greedy"} if DEFAULT_TRANSFORM == "symmetric" else {DEFAULT_TRANSFORM})
-    assert default_transform(LocalNCCLoss(3, 5)) == DEFAULT_TRANSFORM
-    assert InstanceOptimisation(loss).transform == default_transform(loss)
+    deepsim_loss = DeepSimLoss(build_feature_net("ae", 3, channels=(4, 8)))
+    assert instance.default_transform(deepsim_loss) == "greedy"
+    monkeypatch.setattr(instance, "DEFAULT_TRANSFORM", "symmetric")
+    assert instance.default_transform(deepsim_loss) == "greedy"
+    assert InstanceOptimisation(deepsim_loss).transform == "greedy"
+    assert InstanceOptimisation(LocalNCCLoss(3, 5)).transform == "symmetric"
+
+
+def _one_line_error(capsys, argv, code, error, expected):
+    """``deepsim`` with ``argv`` returns ``code`` and prints exactly one stderr line ``deepsim: error: <error>: ...``
+    holding ``expected``, nothing on stdout."""
+    from deepsim.cli import main
+
+    assert main(argv) == code
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert captured.err.startswith(f"deepsim: error: {error}: ") and expected in captured.err, captured.err
+
+
+def test_transform_with_network_only_is_a_one_line_usage_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    _one_line_error(capsys, ["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--network-only",
+                             "--transform", "symmetric", "--out", str(out)], 2, "UsageError",
+                    "--transform symmetric names the instance optimisation's model, which --network-only skips")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--no-network", "--loss", "deepsim-seg", "--transform", "symmetric"],
+     "--transform symmetric cannot use the loss deepsim-seg"),
+    (["--no-network", "--iterations", "0", "--transform", "svf"],
+     "--transform svf names the instance optimisation's model, but --iterations 0 turns"),
+])
+def test_refused_transform_combinations_are_one_line_and_write_nothing(registered, tmp_path, capsys, options,
+                                                                       expected):
+    folder = registered["out"].parent
+    out = tmp_path / "refused"
+    before = set(tmp_path.iterdir())
+    _one_line_error(capsys, ["register", "--fixed", str(folder / "fixed.nii.gz"), "--moving",
+                             str(folder / "moving.nii.gz"), *options, "--out", str(out), "--no-progress"], 1,
+                    "ConfigError", expected)
+    assert set(tmp_path.iterdir()) == before

@@ -61,7 +61,7 @@ from deepsim.registration.affine import AffineRegistration
 from deepsim.registration.checks import (PATHS, choose_contrast, orientation_warnings, report_warnings,
                                          result_warnings)
 from deepsim.geometry import Grid, apply_affine, grid_points, sample_at
-from deepsim.registration.instance import TRANSFORMS, InstanceOptimisation, instance_similarity, test_time_loss
+from deepsim.registration.instance import InstanceOptimisation, check_transform, instance_similarity, test_time_loss
 from deepsim.registration.model import RegistrationModel, resolve_model
 from deepsim.registration.overlap import WARN_OVERLAP, check_overlap
 from deepsim.registration.pipeline import Registrar
@@ -165,6 +165,9 @@ def _instance_optimiser(net: RegistrationModel | None, loss: str | None, spatial
     if any(n < 0 for n in steps):
         raise ConfigError(f"--iterations must be >= 0, got {steps}")
     if not any(steps):
+        if transform is not None:
+            raise ConfigError(f"--transform {transform} names the instance optimisation's model, but --iterations 0 "
+                              "turns the instance optimisation off; leave out one of them")
         return None
     levels = InstanceOptimisation.__dataclass_fields__["scales"].default
     if len(steps) == 1:
@@ -173,11 +176,10 @@ def _instance_optimiser(net: RegistrationModel | None, loss: str | None, spatial
         raise ConfigError(f"--iterations takes 1 or {len(levels)} numbers (one per level, shrink {levels}); "
                           f"got {steps}")
     name = loss or test_time_loss(net.similarity if net is not None else None)
-    if transform is not None and transform not in TRANSFORMS:
-        raise ConfigError(f"--transform must be one of {', '.join(TRANSFORMS)}; got {transform!r}")
-    if transform == "symmetric" and name in FEATURE_NET_OF:
-        raise ConfigError(f"--transform symmetric cannot use the loss {name}: it holds the fixed image's features "
-                          "constant; use --transform greedy (its default) or another loss")
+    try:
+        check_transform(transform, name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     try:
         similarity = instance_similarity(name, spatial_dims, net.models_dir if net is not None else None, device)
     except (ValueError, OSError) as exc:

@@ -17,7 +17,7 @@ plateau) or after its iteration budget. Three transform models (:data:`TRANSFORM
   Adam (optionally on a coarser grid than the images at the finest level). Diffeomorphic for any smooth v, but
   each step back-propagates through the whole integration: several times the cost of a greedy step.
 
-Every model also returns the inverse transform (greedy: the composed field inverted by fixed-point iteration,
+Every model also returns the inverse transform (greedy: the composed field inverted by Newton's method,
 :func:`~deepsim.registration.fields.invert_displacement`; symmetric: composed from the inverted half-maps; svf:
 exp(−v)). The start is a network's predicted displacement ``u₀`` (greedy: φ₀ = id + u₀; symmetric: φ_m = id + u₀,
 φ_f = id; svf: v₀ = u₀, since exp(u₀) ≈ id + u₀ for smooth, moderate fields), or the identity. Fields inside are
@@ -45,7 +45,7 @@ from deepsim.registration.plateau import Plateau
 
 __all__ = ["InstanceOptimisation", "InstanceResult", "GreedyStep", "instance_similarity", "test_time_loss",
            "LABEL_LOSSES", "integrate_velocity", "ddf_to_normalised", "normalised_to_ddf", "default_transform",
-           "TEST_TIME_SETTINGS", "TRANSFORMS", "DEFAULT_TRANSFORM"]
+           "check_transform", "TEST_TIME_SETTINGS", "TRANSFORMS", "DEFAULT_TRANSFORM"]
 
 #: the transform models (module docstring)
 TRANSFORMS = ("greedy", "symmetric", "svf")
@@ -59,6 +59,19 @@ def default_transform(similarity) -> str:
     from deepsim.losses.deepsim import DeepSimLoss
 
     return "greedy" if DEFAULT_TRANSFORM == "symmetric" and isinstance(similarity, DeepSimLoss) else DEFAULT_TRANSFORM
+
+
+def check_transform(transform: str | None, loss: str) -> None:
+    """ValueError (one line, naming the option) unless the transform model ``transform`` (None: the default) can
+    run with the test-time loss called ``loss``: the symmetric model moves the fixed image too, which the DeepSim
+    losses cannot follow (they hold the fixed image's features constant)."""
+    from deepsim.losses import FEATURE_NET_OF
+
+    if transform is not None and transform not in TRANSFORMS:
+        raise ValueError(f"--transform must be one of {', '.join(TRANSFORMS)}; got {transform!r}")
+    if transform == "symmetric" and FEATURE_NET_OF.get(loss):
+        raise ValueError(f"--transform symmetric cannot use the loss {loss}: it holds the fixed image's features "
+                         "constant; use --transform greedy (its default) or another loss")
 
 
 #: Settings of a similarity at test time that differ from training: local NCC over 5-voxel windows (ANTs' CC
@@ -161,9 +174,10 @@ class InstanceOptimisation:
             smallest for a perfect match (e.g. :class:`deepsim.losses.LocalNCCLoss`).
         transform: None: :func:`default_transform`; ``"greedy"``: φ is updated by composition with a small
             smoothed step each iteration, φ ← φ ∘ (id + δ) (:class:`GreedyStep`; the greedy scheme of ANTs SyN
-            and FireANTs; each step is invertible, so is their composition); ``"symmetric"``: both images move towards a middle space, two
-            half-maps updated by the same steps (:mod:`.symmetric`; needs a similarity differentiable in both
-            images, so not the DeepSim losses, which hold the fixed image's features constant); ``"svf"``:
+            and FireANTs; each step is invertible, so is their composition); ``"symmetric"``: both images move
+            towards a middle space, two half-maps updated by the same steps (:mod:`.symmetric`; needs a similarity
+            differentiable in both images, so not the DeepSim losses, which hold the fixed image's features
+            constant; :func:`check_transform`); ``"svf"``:
             φ = exp(v), v optimised by Adam through scaling and squaring (several times the cost of a greedy step).
         scales: pyramid shrink factors, coarse to fine (1 = the input grid).
         iterations: the most steps per level. The default's 15 steps at full resolution (rather than 20) gave
