@@ -22,10 +22,10 @@ CPU or a GPU, in seconds; ``icbm-field-s0`` is the reported check itself, built 
 (SciPy) code on the template's grid.
 
     nice -n 10 python benchmarks/tune_real_anatomy.py run --out .tune_real2 --spacing 2 \
-        --methods defaults "NCC window 7" fireants
+        --methods "package default" "NCC window 7" fireants
     python benchmarks/tune_real_anatomy.py collect --out .realdata          # the inputs, for the GPU machine
     python benchmarks/tune_real_anatomy.py run --out tune1mm --spacing 1 --data-dir .realdata --device cuda \
-        --methods defaults symmetric fireants
+        --methods "package default" symmetric fireants
     python benchmarks/tune_real_anatomy.py table --results tune1mm/results.jsonl
 
 Each (method, case) result is one JSON line in ``<out>/results.jsonl``, so a run can be stopped and resumed.
@@ -447,6 +447,10 @@ def register_all(out: Path, methods: list[str], cases: list[str], spacing: float
     one JSON line per result in ``out/results.jsonl`` (results already there are kept and skipped)."""
     from deepsim.peers import CLASSICAL_METHODS
 
+    unknown = [m for m in methods if m not in SETTINGS and m not in CLASSICAL_METHODS]
+    if unknown:  # before any case is built: minutes of work otherwise
+        raise SystemExit(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from: "
+                         f"{', '.join(map(repr, [*SETTINGS, *CLASSICAL_METHODS]))}")
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     done, cache = _done(results), {}
@@ -532,7 +536,7 @@ def main() -> None:
     r.add_argument("--embedded", type=Path, default=None,
                    help="also the test pairs of this embedded-brain datalist.json (prepare_embedded_brains)")
     r.add_argument("--every", type=int, default=2, help="with --embedded: every N-th test pair")
-    r.add_argument("--methods", nargs="+", default=["defaults"],
+    r.add_argument("--methods", nargs="+", default=["package default"],
                    help=f"settings of ours ({', '.join(SETTINGS)}) and/or fireants, ants-syn")
     r.add_argument("--device", default="cpu")
     t = sub.add_parser("table", help="the Markdown table of results.jsonl")
