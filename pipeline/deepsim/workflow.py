@@ -37,8 +37,10 @@ __all__ = [
     "Profile",
     "bundle_dir",
     "check_losses",
+    "check_registration_init",
     "evaluation_methods",
     "load_profile",
+    "network_of_row",
     "prepare_and_pretrain",
     "registration_overrides",
     "run_pipeline",
@@ -173,6 +175,25 @@ def registration_overrides(profile: Profile, common: Mapping[str, Any], loss: st
     return overrides
 
 
+def check_registration_init(profile: Profile, common: Mapping[str, Any], losses: Sequence[str]) -> None:
+    """Each loss's ``registration_init`` (the network its training starts from), resolved as its stage will resolve
+    it and checked (:func:`deepsim.engine.warm_start.check_init`): a missing file or another architecture stops
+    the job in one line before any data are prepared."""
+    from monai.bundle import ConfigParser
+
+    from deepsim.engine.warm_start import check_init
+
+    bundle = bundle_dir(profile.bundle)
+    configs = bundle / "configs"
+    for loss in losses:
+        parser = ConfigParser()
+        parser.read_config([str(configs / "common.json"), str(configs / STAGE_FILES["registration"])])
+        parser.update({"bundle_root": str(bundle), **registration_overrides(profile, common, loss)})
+        init = parser.get_parsed_content("registration_init")
+        if init:
+            check_init(init, "registration_net", parser.get_parsed_content("network_kwargs"))
+
+
 def registration_artifacts(models_dir: Path, loss: str) -> list[tuple[Path, str]]:
     """What a registration run logs under ``checkpoint/``: the network and, for a DeepSim loss, its feature net,
     so ``deepsim register --model runs:/<id>`` finds both (instance optimisation needs the loss)."""
@@ -254,6 +275,7 @@ def run_pipeline(
     """
     output_dir = Path(output_dir).resolve()
     losses = check_losses(losses or profile.losses)  # before anything is written
+    check_registration_init(profile, stage_common(profile, output_dir, seed, progress, device), losses)
     dataset = profile.common.get("dataset")
     if isinstance(dataset, str) and dataset not in ("embedded", "cells", "toy") and Path(dataset).exists():
         check_apart(dataset, output_dir / "data", "the profile's dataset")
@@ -346,11 +368,26 @@ def _run_pipeline(profile: Profile, output_dir: Path, tracking_uri: str | None, 
 
 
 def evaluation_methods(profile: Profile, losses: Sequence[str]) -> list[str]:
-    """What the evaluation stage scores: the identity and every trained network alone, and, when the profile lists
+    """What the evaluation stage scores: the identity and every trained network, and, when the profile lists
     ``hybrids``, the affine stage alone and those hybrids that were trained (affine, network, instance
-    optimisation): the accurate path's rows beside the learned ones."""
+    optimisation): the accurate path's rows beside the learned ones. With the affine row, each network is scored
+    after the affine stage (``affine+<loss>``), as the hybrids start, so every row after ``affine`` shows what its
+    own stage adds to the same start; without it (the paper's table), each network alone, as it was trained."""
     hybrids = [f"{loss}+io" for loss in profile.hybrids if loss in losses]
-    return ["identity", *(["affine"] if hybrids else []), *losses, *hybrids]
+    if not hybrids:
+        return ["identity", *losses]
+    return ["identity", "affine", *(f"affine+{loss}" for loss in losses), *hybrids]
+
+
+def network_of_row(method: str) -> str | None:
+    """The trained loss whose network a table row shows on its own (``<loss>`` or ``affine+<loss>``), else None."""
+    from deepsim.registration.pipeline import parse_method
+
+    try:
+        _, network, io_loss = parse_method(method)
+    except ValueError:
+        return None
+    return network if io_loss is None else None
 
 
 def tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags: Mapping[str, str],
@@ -421,8 +458,9 @@ def _log_test_metrics(summary, run_ids: Mapping[str, str], evaluation_run_id: st
 
     client = mlflow.tracking.MlflowClient()
     for row in summary.to_dict("records"):
+        network = network_of_row(row["method"])
         for key in ("dice_mean", "dice_std", "folding_pct", "std_logjac"):
             value = float(row[key])
             client.log_metric(evaluation_run_id, f"test/{row['method'].replace('+', '_')}/{key}", value)
-            if row["method"] in run_ids:
-                client.log_metric(run_ids[row["method"]], f"test/{key}", value)
+            if network in run_ids:
+                client.log_metric(run_ids[network], f"test/{key}", value)
