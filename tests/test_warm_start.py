@@ -133,3 +133,26 @@ def test_with_the_affine_row_each_network_is_scored_after_the_affine_stage():
     assert evaluation_methods(paper, ["mse", "ncc"]) == ["identity", "mse", "ncc"]  # no affine row: as trained
     assert [network_of_row(m) for m in ("affine+ncc", "ncc", "ncc+io", "affine", "identity")] == [
         "ncc", "ncc", None, None, None]
+
+
+def test_the_rows_after_the_affine_share_one_fit_per_pair_and_score_as_a_fresh_fit(quick_common, tmp_path,
+                                                                                  monkeypatch):
+    from deepsim.evaluation.evaluate import evaluate_methods
+    from deepsim.registration.affine import AffineRegistration
+
+    out = Path(quick_common["output_dir"])
+    run_stage("registration", {**quick_common, "similarity": "mse", "max_epochs": 1, "epoch_length": 1,
+                               "validation_pairs": 1})
+    fits = []
+    original = AffineRegistration.__call__
+    monkeypatch.setattr(AffineRegistration, "__call__", lambda self, *a: fits.append(1) or original(self, *a))
+    datalist = out / "data" / "datalist.json"
+    args = dict(datalist_path=datalist, models_dir=out / "models", device="cpu", progress=False,
+                figures_enabled=False)
+    shared = evaluate_methods(methods=["affine", "affine+mse", "mse+io"], report_dir=tmp_path / "a", **args)
+    pairs = int(shared["n_pairs"].iloc[0])
+    assert len(fits) == pairs  # not one per method and pair
+    alone = evaluate_methods(methods=["affine+mse"], report_dir=tmp_path / "b", **args)
+    assert float(alone["dice_mean"].iloc[0]) == float(shared.loc[shared["method"] == "affine+mse", "dice_mean"].iloc[0])
+    times = __import__("pandas").read_csv(tmp_path / "a" / "results.csv").groupby("method")["inference_s"].min()
+    assert times["affine+mse"] >= times["affine"] * 0.5  # a reused fit's seconds count in the row's time

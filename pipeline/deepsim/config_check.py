@@ -61,6 +61,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "spatial_dims": (lambda v: v in (2, 3) and not isinstance(v, bool), "2 or 3"),
     "precision": (lambda v: v in ("fp32", "bf16"), '"fp32" or "bf16"'),
     "alignment": (lambda v: v in ("centre", "affine"), '"centre" or "affine"'),
+    "pairs": (lambda v: v in ("fixed", "synthetic"), '"fixed" or "synthetic"'),
     "feature_channels": (_ints(1), "a non-empty list of integers >= 1"),
     "registration_channels": (_ints(1), "a non-empty list of integers >= 1"),
     "roi_size": (lambda v: v is None or _ints(1)(v), "null or a list of integers >= 1"),
