@@ -144,22 +144,12 @@ def test_a_wrong_kind_option_or_bank_is_a_one_line_config_error(toy, tmp_path):
         training_bank("synthetic", toy, tmp_path / "missing.npz")
 
 
-@pytest.fixture(scope="module")
-def quick_common(tmp_path_factory):
-    from deepsim.workflow import load_profile, run_stage
-
-    out = tmp_path_factory.mktemp("synthetic_bundle")
-    common = {**load_profile("quick").common, "output_dir": str(out), "progress": False, "pairs": "synthetic"}
-    run_stage("preprocess", common)
-    return common
-
-
 def test_synthetic_pairs_train_every_stage_through_the_bundle_configs(quick_common):
     from deepsim.engine.checkpoints import load_checkpoint
     from deepsim.workflow import run_stage
 
     models = Path(quick_common["output_dir"]) / "models"
-    short = {"max_epochs": 1, "epoch_length": 2}
+    short = {"max_epochs": 1, "epoch_length": 2, "pairs": "synthetic"}
     run_stage("feature_seg", {**quick_common, **short})
     seg = load_checkpoint(models / "feature_seg.pt")
     assert seg["kwargs"]["num_classes"] == 9 and seg["meta"]["pairs"] == "synthetic"  # 7 toy values + WM + CSF

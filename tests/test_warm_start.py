@@ -59,14 +59,6 @@ def test_another_architecture_is_one_line_naming_the_file_and_both(tmp_path):
         check_init(tmp_path / "text.pt", "registration_net", QUICK_NET)
 
 
-@pytest.fixture(scope="module")
-def quick_common(tmp_path_factory):
-    out = tmp_path_factory.mktemp("warm")
-    common = {**load_profile("quick").common, "output_dir": str(out), "progress": False}
-    run_stage("preprocess", common)
-    return common
-
-
 def test_the_registration_stage_fine_tunes_from_registration_init(quick_common, tmp_path):
     init = _checkpoint(tmp_path / "init.pt")
     models = Path(quick_common["output_dir"]) / "models"
