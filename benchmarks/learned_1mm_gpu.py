@@ -33,7 +33,7 @@ BASE_METHODS = ["identity", "affine", "affine+io", "affine+ncc", "ncc+io", "fire
 
 
 def run(run_dir: Path, synthetic_models: Path, losses: list[str], out: Path, device: str, max_pairs: int | None,
-        io_loss: str | None) -> None:
+        io_loss: str | None, base_methods: list[str]) -> None:
     import pandas as pd
     import torch
 
@@ -62,11 +62,13 @@ def run(run_dir: Path, synthetic_models: Path, losses: list[str], out: Path, dev
                     max_pairs=1)
     shutil.rmtree(out / "warmup")
     frames = []
-    for folder, methods, label in ((run_dir, BASE_METHODS, ""), (synthetic_run, synthetic_methods, SYNTHETIC)):
+    # the new networks first: a call stopped by its time limit keeps each finished pass's results_<n>.csv
+    for folder, methods, label in ((synthetic_run, synthetic_methods, SYNTHETIC), (run_dir, base_methods, "")):
         started = time.perf_counter()
         results, _ = compare_methods(folder, out / f"pass{len(frames)}", methods=methods, device=device,
                                      progress=False, hd95=False, max_pairs=max_pairs)
         results["method"] = results["method"] + label
+        results.to_csv(out / f"results_{len(frames)}.csv", index=False)
         print(f"{len(methods)} methods in {time.perf_counter() - started:.1f} s", flush=True)
         frames.append(results)
     results = pd.concat(frames, ignore_index=True)
@@ -93,13 +95,15 @@ def main() -> None:
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--device", default="cuda")
     r.add_argument("--max-pairs", type=int, default=None)
+    r.add_argument("--base-methods", nargs="+", default=BASE_METHODS, help="rows without a synthetic-pair network")
     m = sub.add_parser("merge")
     m.add_argument("--results", type=Path, nargs="+", required=True)
     m.add_argument("--table", type=Path, required=True)
     m.add_argument("--command", dest="commands", action="append", default=[])
     args = parser.parse_args()
     if args.command == "run":
-        run(args.run_dir, args.synthetic_models, args.losses, args.out, args.device, args.max_pairs, args.io_loss)
+        run(args.run_dir, args.synthetic_models, args.losses, args.out, args.device, args.max_pairs, args.io_loss,
+            args.base_methods)
     else:
         merge(args.results, args.table, args.commands)
 

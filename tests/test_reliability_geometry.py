@@ -190,8 +190,12 @@ def test_a_sheared_fixed_grid_gives_an_exact_field_that_simpleitk_refuses_instea
     fixed = _waves_image(tmp_path / "f.nii.gz", sheared)
     moving = _waves_image(tmp_path / "m.nii.gz", _affine(origin=(-14.0, -13.0, -11.0)))
     assert _register(fixed, moving, tmp_path / "reg", model, "--iterations", "10") == 0
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "has sheared voxel axes, which ITK cannot represent" in err, err
+    lines = capsys.readouterr().err.splitlines()
+    # the shear is said once; the pair lies aligned in world space as given, so the untrained toy network and 10
+    # steps can only lose similarity, which the result check (issue 26) truthfully reports as a second line
+    assert sum("has sheared voxel axes, which ITK cannot represent" in line for line in lines) == 1, lines
+    assert all(line.startswith("deepsim: warning: ") for line in lines) and len(lines) <= 2, lines
+    assert all("sheared" in line or "less similar than the inputs" in line for line in lines), lines
     assert json.loads((tmp_path / "reg" / "registration.json").read_text())["ddf_mm_itk_readable"] is False
     field = tmp_path / "reg" / "ddf_mm.nii.gz"
     assert np.allclose(load_displacement(field)[1], sheared, atol=1e-6)

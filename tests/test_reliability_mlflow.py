@@ -298,3 +298,20 @@ def test_a_model_from_an_unreachable_server_fails_in_seconds_and_leaves_no_tempo
     assert err.count("\n") == 1 and f"ConfigError: MLflow tracking URI {server}: not reachable (no connection " \
         f"within {tracking.PROBE_TIMEOUT_S:g} s" in err, err
     assert list(scratch.iterdir()) == [] and not (tmp_path / "reg").exists()
+
+
+# ------------------------------------------------------------------------------ a kill between log and save
+def test_an_epoch_logged_by_a_killed_process_is_not_logged_again_by_the_one_that_resumes(tmp_path, monkeypatch):
+    """CI found it (issue 24's run): killed after logging epoch 1's train/loss but before saving the epoch-end
+    state, the resumed training repeats epoch 1 and logged it a second time (history steps [1, 1, 2, 3])."""
+    tracking.setup_tracking(_store(tmp_path / "mlflow.db"), "exp")
+    monkeypatch.setattr(tracking, "_SEEN_KEYS", set())
+    with mlflow.start_run() as run:
+        tracking.log_epoch_metrics({"train/loss": 0.5}, 1)  # the process that is killed next
+    monkeypatch.setattr(tracking, "_SEEN_KEYS", set())  # a new process resumes the same run
+    with mlflow.start_run(run_id=run.info.run_id):
+        for epoch, loss in [(1, 0.5), (2, 0.4), (3, 0.3)]:
+            tracking.log_epoch_metrics({"train/loss": loss, "val/dice": 1 - loss}, epoch)
+    history = MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val/dice")] == [1, 2, 3]

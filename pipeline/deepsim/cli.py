@@ -211,7 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
         "ITK's DisplacementFieldTransform, SimpleITK and ANTs apply it — except for a fixed image with sheared "
         "voxel axes, which ITK cannot represent: then only nibabel and deepsim warp read it), jacobian_det.nii.gz, "
         "warped_label.nii.gz (with --moving-label), affine.tfm (the affine stage, ITK format) and "
-        "registration.json (Dice before/after with both label maps, folding %%, std log|J|, stages, timings). "
+        "registration.json (Dice before/after with both label maps, folding %%, std log|J|, stages, timings, the "
+        "contrast decision, warnings). "
+        "Contrast: by default (--contrast auto) deepsim measures whether the two images share a contrast (a T1 "
+        "against a T2 or PD image correlates negatively inside the brain) and picks the path: one contrast, the NCC "
+        "affine, the network and the model's loss; different contrasts, the mutual-information affine and the NMI "
+        "loss, without the network (trained on one contrast). Give --contrast same or different when you know. "
+        "A result that looks wrong (less similar than the inputs, an implausible affine: scale, shear, reflection, "
+        "a huge shift; a declared contrast the images contradict) is reported as a 'deepsim: warning:' line and in "
+        "registration.json's warnings. "
         "Nothing is written if any step fails; --out must be a new or empty folder, or one deepsim register wrote "
         "(--overwrite for others), and no output ever replaces an input.",
         epilog="examples:\n"
@@ -219,8 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --fixed-label FL.nii.gz --moving-label ML.nii.gz "
         "--out reg/\n"
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --network-only --out reg/   # network alone, fastest\n"
-        "  deepsim register --fixed F.nii.gz --moving M.nii.gz --no-network --loss mind --affine-metric mi "
-        "--out reg/   # other contrast\n"
+        "  deepsim register --fixed T1w.nii.gz --moving T2w.nii.gz --contrast different --out reg/   # T1 to T2\n"
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --model deepsim_output --similarity mse --out reg/\n"
         "  deepsim register --pairs pairs.csv --out reg/        # many pairs, model loaded once\n"
         "  deepsim register --fixed F.nii.gz --moving M.nii.gz --model models:/deepsim-brain_mri@best --tracking-uri "
@@ -256,9 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the affine stage (the default; kept for old command lines)")
     stages.add_argument("--no-affine", dest="affine", action="store_false",
                         help="skip the affine stage: the images are already aligned in world space")
-    stages.add_argument("--affine-metric", choices=["ncc", "mi"], default="ncc",
-                        help="affine metric: global NCC (same contrast) or mutual information (different contrasts)")
-    stages.add_argument("--no-network", dest="network", action="store_false", default=True,
+    stages.add_argument("--contrast", choices=["auto", "same", "different"], default="auto",
+                        help="whether the two images share an MRI contrast (T1w to T1w: same; T1w to T2w, FLAIR or "
+                        "PDw: different); auto (default) measures it. It picks the defaults of --affine-metric, "
+                        "--loss and the network (same: ncc, the model's loss, the network; different: mi, nmi, "
+                        "no network); options given explicitly win")
+    stages.add_argument("--affine-metric", choices=["ncc", "mi"], default=None,
+                        help="affine metric: global NCC (same contrast) or mutual information (different contrasts); "
+                        "default: from --contrast")
+    stages.add_argument("--no-network", dest="network", action="store_false", default=None,
                         help="skip the network: affine + instance optimisation from the identity (classical)")
     stages.add_argument("--network-only", action="store_true",
                         help="the network's prediction alone: no affine stage, no instance optimisation (fastest; "
@@ -268,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "all levels; each level also stops on a loss plateau; 0: no instance optimisation")
     stages.add_argument("--loss", default=None,
                         choices=["ncc", "mse", "mind", "nmi", "deepsim-ae", "deepsim-seg"],
-                        help="instance optimisation loss (default: the model's own; deepsim-* need the model's "
-                        "feature net beside it; mind or nmi for different contrasts)")
+                        help="instance optimisation loss (default: from --contrast: the model's own for one "
+                        "contrast, nmi for different contrasts; deepsim-* need the model's feature net beside it)")
     stages.add_argument("--learning-rate", type=_POSITIVE, default=0.5,
                         help="instance optimisation: the longest step, in voxels of each level")
     rg.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu or cuda:0")
@@ -586,12 +599,12 @@ def _compare(args: argparse.Namespace, command: list[str]) -> int:
 
 def _register_stages(args: argparse.Namespace) -> dict:
     """The stage options of ``deepsim register`` as keyword arguments of ``register_files``."""
-    if args.network_only and not args.network:
+    if args.network_only and args.network is False:
         raise UsageError("--network-only and --no-network exclude each other")
     if args.network_only:
-        return {"affine": False, "network": True, "iterations": 0}
+        return {"affine": False, "network": True, "iterations": 0, "contrast": args.contrast}
     return {"affine": args.affine, "network": args.network, "iterations": args.iterations, "loss": args.loss,
-            "learning_rate": args.learning_rate, "affine_metric": args.affine_metric}
+            "learning_rate": args.learning_rate, "affine_metric": args.affine_metric, "contrast": args.contrast}
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -621,6 +634,10 @@ def _register(args: argparse.Namespace) -> int:
         print(f"{name:13s} {path}")
     summary = [f"{key} {report[key]:.4f}" for key in ("dice_before", "dice_after_affine", "dice_after",
                                                         "folding_pct", "std_log_jacobian") if key in report]
+    contrast = report["contrast"]
+    how = "detected" if contrast["requested"] == "auto" else "given"
+    relation = "not measured" if contrast["relation"] is None else f"rank correlation {contrast['relation']:.2f}"
+    summary.append(f"contrast {contrast['used']} ({how}; {relation})")
     print("; ".join(summary + [f"time {report['timings']['total_s']:.2f} s"]))
     return 0
 

@@ -1,21 +1,26 @@
-"""T1-like images synthesised from label maps, SynthMorph-style: real anatomy, synthetic contrast.
+"""Images synthesised from label maps, SynthMorph-style: real anatomy, synthetic contrast.
 
-Randomness is drawn apart from its use (TorchIO's ``make_params`` / ``apply`` split):
-:func:`sample_synthesis_params` turns a seed into a :class:`SynthesisParams` record, and :func:`synthesize_t1`
-is a deterministic function of (labels, spacing, params). The record can be logged and replayed.
+Randomness is drawn apart from its use (TorchIO's ``make_params`` / ``apply`` split): a :class:`SynthesisParams`
+record holds everything about one image (an intensity per label and tissue, blur, bias field, noise), and
+:func:`synthesize_image` is a deterministic function of (labels, spacing, params). The record can be logged and
+replayed. Two ways to make the record:
+
+- :func:`sample_synthesis_params`: a random T1-like contrast from a seed (the training images);
+- :func:`tissue_params`: a fixed :class:`TissueTable` (one mean intensity per tissue class) with the same blur,
+  bias and noise options; :mod:`deepsim.data.contrasts` holds the T1-, T2- and PD-like tables.
 
 The Desikan–Killiany maps have no white-matter label, so the brain is rebuilt from the labels: the labelled
 voxels are closed (≈6 mm ball, on a ≈2 mm grid for speed) and their holes filled in 3D and slice by slice;
 inside-but-unlabelled voxels get white-matter intensity, except those within ≈2 mm of the brain's outer
 surface, which are sulcal CSF (dark). A 2 mm CSF rim surrounds the brain; everything else is 0 (skull-stripped).
-Contrast (fractions of the intensity range): WM ≈ 0.8, subcortical grey 0.55–0.65, cortical grey 0.45–0.55
-with per-label jitter, CSF 0.1–0.2; then Gaussian blur (≈1 mm), a smooth multiplicative bias field (±5–10 %)
-and Gaussian noise (sd 2–4 % of WM).
+Random T1 contrast (fractions of the intensity range): WM ≈ 0.8, subcortical grey 0.55–0.65, cortical grey
+0.45–0.55 with per-label jitter, CSF 0.1–0.2; then Gaussian blur (≈1 mm), a smooth multiplicative bias field
+(±5–10 %) and Gaussian noise (sd 2–4 % of WM): :func:`acquire` applies these three to any noiseless image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,7 +31,8 @@ from scipy import ndimage as ndi
 
 from deepsim.data.embedded import DK_SUBCORTICAL_LABELS
 
-__all__ = ["SynthesisParams", "sample_synthesis_params", "brain_mask", "synthesize_t1", "SynthesizeT1d"]
+__all__ = ["SynthesisParams", "TissueTable", "sample_synthesis_params", "tissue_params", "brain_mask", "acquire",
+           "synthesize_image", "synthesize_t1", "SynthesizeT1d"]
 
 _BIAS_ORDER = 3  # cosine basis functions per axis (orders 0..2): a field smoother than the brain
 
@@ -52,21 +58,40 @@ class SynthesisParams:
         return out
 
 
+@dataclass(frozen=True)
+class TissueTable:
+    """One contrast: the mean intensity of each tissue class, fractions of the range [0, 1]."""
+
+    white_matter: float  # inside the brain mask, unlabelled and deep (the DK maps have no WM label)
+    cortical_grey: float  # every labelled structure not in the subcortical set
+    subcortical_grey: float  # the subcortical labels (thalamus ... amygdala, brainstem)
+    csf: float  # sulci near the surface and a thin rim around the brain
+    background: float = 0.0  # outside the brain (skull-stripped)
+
+    def brightest(self) -> float:
+        return max(self.white_matter, self.cortical_grey, self.subcortical_grey, self.csf, self.background)
+
+
+def _label_means(label_values: Sequence[int], subcortical_labels: Collection[int], cortical: Callable[[], float],
+                 subcortical: Callable[[], float]) -> dict[int, float]:
+    """label value (> 0, ascending) -> mean intensity, from ``subcortical()`` or ``cortical()`` (called in that
+    order, so a random draw per label replays from the same generator)."""
+    return {value: subcortical() if value in subcortical_labels else cortical()
+            for value in sorted({int(v) for v in label_values} - {0})}
+
+
 def sample_synthesis_params(
     label_values: Sequence[int],
     seed: int,
     subcortical_labels: Collection[int] = DK_SUBCORTICAL_LABELS,
 ) -> SynthesisParams:
-    """Draw a contrast for the labels ``label_values`` (0 is ignored) from ``seed``; same seed, same params."""
+    """Draw a T1-like contrast for the labels ``label_values`` (0 is ignored) from ``seed``; same seed, same params."""
     rng = np.random.default_rng(seed)
     wm = float(rng.uniform(0.75, 0.85))
     cortex = float(rng.uniform(0.46, 0.54))
-    means: dict[int, float] = {}
-    for value in sorted({int(v) for v in label_values} - {0}):
-        if value in subcortical_labels:
-            means[value] = float(rng.uniform(0.55, 0.65))
-        else:
-            means[value] = float(np.clip(cortex + rng.normal(0.0, 0.015), 0.44, 0.56))
+    means = _label_means(label_values, subcortical_labels,
+                         cortical=lambda: float(np.clip(cortex + rng.normal(0.0, 0.015), 0.44, 0.56)),
+                         subcortical=lambda: float(rng.uniform(0.55, 0.65)))
     return SynthesisParams(
         label_means=means,
         wm_mean=wm,
@@ -77,6 +102,37 @@ def sample_synthesis_params(
         noise_sd=float(rng.uniform(0.02, 0.04) * wm),
         noise_seed=int(rng.integers(2**31 - 1)),
         blur_sigma_mm=float(rng.uniform(0.8, 1.2)),
+    )
+
+
+def tissue_params(
+    table: TissueTable,
+    label_values: Sequence[int],
+    seed: int,
+    subcortical_labels: Collection[int] = DK_SUBCORTICAL_LABELS,
+    bias_strength: float = 0.075,
+    noise_fraction: float = 0.03,
+    blur_sigma_mm: float = 1.0,
+) -> SynthesisParams:
+    """The fixed contrast ``table`` for the labels ``label_values``; only the bias field's shape and the noise are
+    drawn from ``seed``. ``bias_strength``: max |log bias| (0: none); ``noise_fraction``: noise sd as a fraction of
+    the table's brightest tissue (0: none); ``blur_sigma_mm``: Gaussian blur σ (0: none). The defaults are the
+    centres of the ranges :func:`sample_synthesis_params` draws from."""
+    if bias_strength < 0 or noise_fraction < 0 or blur_sigma_mm < 0:
+        raise ValueError(f"bias_strength, noise_fraction and blur_sigma_mm must be >= 0, got {bias_strength}, "
+                         f"{noise_fraction}, {blur_sigma_mm}")
+    rng = np.random.default_rng(seed)
+    return SynthesisParams(
+        label_means=_label_means(label_values, subcortical_labels, cortical=lambda: table.cortical_grey,
+                                 subcortical=lambda: table.subcortical_grey),
+        wm_mean=table.white_matter,
+        csf_mean=table.csf,
+        background_mean=table.background,
+        bias_coeffs=tuple(float(c) for c in rng.normal(size=_BIAS_ORDER**3)),
+        bias_strength=float(bias_strength),
+        noise_sd=float(noise_fraction * table.brightest()),
+        noise_seed=int(rng.integers(2**31 - 1)),
+        blur_sigma_mm=float(blur_sigma_mm),
     )
 
 
@@ -146,13 +202,30 @@ def _bias_field(shape: Sequence[int], coeffs: Sequence[float], strength: float) 
     return np.exp(field, dtype=np.float32)
 
 
-def synthesize_t1(
+def acquire(image: np.ndarray, spacing_mm: Sequence[float], params: SynthesisParams) -> np.ndarray:
+    """What the scanner adds to a noiseless tissue image (float32, 3D): Gaussian blur (``params.blur_sigma_mm``),
+    the smooth multiplicative bias field, then additive Gaussian noise (``params.noise_sd``, from
+    ``params.noise_seed``). Each is skipped when its strength is 0."""
+    image = np.asarray(image, dtype=np.float32)
+    if params.blur_sigma_mm > 0:
+        sigma = params.blur_sigma_mm / np.asarray(spacing_mm, dtype=float)
+        image = ndi.gaussian_filter(image, sigma, mode="constant", truncate=3.0)
+    if params.bias_strength > 0:
+        image = image * _bias_field(image.shape, params.bias_coeffs, params.bias_strength)
+    if params.noise_sd > 0:
+        noise = np.random.default_rng(params.noise_seed).standard_normal(image.shape, dtype=np.float32)
+        image = image + np.float32(params.noise_sd) * noise
+    return image.astype(np.float32, copy=False)
+
+
+def synthesize_image(
     labels: np.ndarray,
     spacing_mm: Sequence[float],
     params: SynthesisParams,
     masks: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """T1-like image (float32, ``labels.shape``) of a 3D label map with voxel size ``spacing_mm``.
+    """Image (float32, ``labels.shape``) of a 3D label map with voxel size ``spacing_mm`` in the contrast ``params``
+    describes (T1-like from :func:`sample_synthesis_params`, any table through :func:`tissue_params`).
 
     ``masks``: ``brain_mask(labels, spacing_mm)`` when already computed (it depends on the labels only).
     Labels missing from ``params.label_means`` get the mean of the cortical means.
@@ -171,12 +244,11 @@ def synthesize_t1(
     image = lut[np.clip(values, 0, top)]
     image[csf] = params.csf_mean
     image[~brain & ~csf] = params.background_mean
-    sigma = params.blur_sigma_mm / np.asarray(spacing_mm, dtype=float)
-    image = ndi.gaussian_filter(image, sigma, mode="constant", truncate=3.0)
-    image *= _bias_field(image.shape, params.bias_coeffs, params.bias_strength)
-    noise = np.random.default_rng(params.noise_seed).standard_normal(image.shape, dtype=np.float32)
-    image += params.noise_sd * noise
-    return image.astype(np.float32, copy=False)
+    return acquire(image, spacing_mm, params)
+
+
+#: the name the T1 callers use: with :func:`sample_synthesis_params`' record the image is T1-like
+synthesize_t1 = synthesize_image
 
 
 class SynthesizeT1d(MapTransform):

@@ -1,4 +1,4 @@
-"""ANTs SyN through antspyx, as a peer on our pairs (affine with Mattes MI, then SyN with CC)."""
+"""ANTs SyN through antspyx, as a peer on our pairs (affine with Mattes MI, then SyN with CC or Mattes MI)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ __all__ = ["AntsSyN"]
 
 @dataclass(frozen=True)
 class AntsSyN:
-    """ANTs: affine (Mattes MI) then SyN with the CC metric, through ``ants.registration(type_of_transform="SyN")``.
+    """ANTs: affine (Mattes MI) then SyN, through ``ants.registration(type_of_transform="SyN")``.
 
-    ``syn_sampling`` is the CC radius in voxels; ``reg_iterations`` the SyN iterations per level (coarse to fine,
-    shrink factors 4, 2, 1 by antspyx's defaults for three levels); ``grad_step``, ``flow_sigma``, ``total_sigma``
-    the SyN step and the update/total field smoothing (voxels). ``random_seed`` fixes ANTs' metric sampling.
+    ``syn_metric``: ``"CC"`` (local cross-correlation, one contrast; the default) or ``"mattes"`` (Mattes mutual
+    information, images of different contrasts). ``syn_sampling`` is the CC radius in voxels, or the number of
+    histogram bins for ``"mattes"`` (antspyx's meaning of the argument; 32 is its default); ``reg_iterations`` the
+    SyN iterations per level (coarse to fine, shrink factors 4, 2, 1 by antspyx's defaults for three levels);
+    ``grad_step``, ``flow_sigma``, ``total_sigma`` the SyN step and the update/total field smoothing (voxels).
+    ``random_seed`` fixes ANTs' metric sampling.
     """
 
     aff_metric: str = "mattes"
@@ -31,6 +34,10 @@ class AntsSyN:
     total_sigma: float = 0.0
     random_seed: int = 1
     name: str = "ants-syn"
+
+    def __post_init__(self) -> None:
+        if self.syn_metric not in ("CC", "mattes"):
+            raise ValueError(f"syn_metric must be 'CC' or 'mattes', got {self.syn_metric!r}")
 
     def params(self) -> dict:
         return tool_params(self)

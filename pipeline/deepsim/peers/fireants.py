@@ -21,6 +21,10 @@ class FireANTs:
     (lr 3e-4, local CC over 5 voxels); greedy on shrink 4, 2, 1 for 200, 100, 50 steps (lr 0.5, CC over 7 voxels,
     gradient σ 2, warp σ 0.5 voxels). Images go in through SimpleITK, as FireANTs reads them; its ``"cc"`` loss
     (the fused CUDA kernels are a separate build, not on PyPI).
+
+    ``loss_type`` is the metric of both stages: ``"cc"`` (local CC, one contrast) or ``"mi"`` (FireANTs' global
+    mutual information, Gaussian Parzen windows with ``mi_bins`` bins on [0, 1]: images of different contrasts;
+    our images are in [0, 1]). The kernel sizes apply to ``"cc"`` only.
     """
 
     affine_scales: tuple[int, ...] = (8, 4, 2, 1)
@@ -33,8 +37,14 @@ class FireANTs:
     smooth_grad_sigma: float = 2.0
     smooth_warp_sigma: float = 0.5
     lr: float = 0.5
+    loss_type: str = "cc"
+    mi_bins: int = 32
     device: str = ""
     name: str = "fireants"
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in ("cc", "mi"):
+            raise ValueError(f"loss_type must be 'cc' or 'mi', got {self.loss_type!r}")
 
     def params(self) -> dict:
         return tool_params(self)
@@ -63,12 +73,15 @@ class FireANTs:
             return BatchedImages([Image(image, device=device)])
 
         f, m = batch(fixed), batch(moving)
-        affine = AffineRegistration(list(self.affine_scales), list(self.affine_iterations), f, m, loss_type="cc",
+        loss = {"loss_type": self.loss_type}
+        if self.loss_type == "mi":
+            loss["loss_params"] = {"num_bins": self.mi_bins}
+        affine = AffineRegistration(list(self.affine_scales), list(self.affine_iterations), f, m, **loss,
                                     optimizer="Adam", optimizer_lr=self.affine_lr, cc_kernel_size=self.affine_cc_kernel,
                                     progress_bar=False)
         affine.optimize()
         greedy = GreedyRegistration(scales=list(self.scales), iterations=list(self.iterations), fixed_images=f,
-                                    moving_images=m, loss_type="cc", cc_kernel_size=self.cc_kernel,
+                                    moving_images=m, **loss, cc_kernel_size=self.cc_kernel,
                                     deformation_type="compositive", smooth_grad_sigma=self.smooth_grad_sigma,
                                     smooth_warp_sigma=self.smooth_warp_sigma, optimizer="adam", optimizer_lr=self.lr,
                                     init_affine=affine.get_affine_matrix().detach(), progress_bar=False)

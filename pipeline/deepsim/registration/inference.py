@@ -15,7 +15,15 @@ affine (and header, for the warped image):
 - ``warped_label.nii.gz`` (with ``moving_label``): nearest neighbour, label values kept;
 - ``jacobian_det.nii.gz``: determinant of the Jacobian of the transform;
 - ``affine.tfm`` (with the affine stage): the affine alone, an ITK transform file (SimpleITK, ANTs, Slicer read it);
-- ``registration.json``: inputs, model, timings, and, with both label maps, Dice before/after, folding, std log|J|.
+- ``registration.json``: inputs, model, timings, the contrast decision, warnings, and, with both label maps, Dice
+  before/after, folding, std log|J|.
+
+Which path runs depends on whether the two images share a contrast (``contrast``: ``"auto"`` measures it,
+:mod:`deepsim.registration.checks`): one contrast, the NCC affine, the network and the model's loss; different
+contrasts, the path of :data:`deepsim.registration.checks.PATHS` (mutual information affine, a contrast-free loss).
+An option given explicitly (``affine_metric``, ``network``, ``loss``) always wins. A result that looks wrong — less
+similar than the inputs, an implausible affine, a contrast declared ``same`` that measures as different — is
+reported: one ``deepsim: warning:`` line each on stderr and the list ``"warnings"`` in ``registration.json``.
 
 Files are written to a temporary folder first and moved into place at the end: a failure leaves no output. The
 output folder and every target are checked before any work (:mod:`deepsim.output_folder`: never an input, a folder,
@@ -27,7 +35,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,14 +49,17 @@ from deepsim.errors import ConfigError, DatasetError
 from deepsim.evaluation.dice import dice_per_label, mean_dice
 from deepsim.evaluation.jacobian import folding_percent, jacobian_determinant, std_log_jacobian
 from deepsim.grid_check import MIN_AXIS_INDEPENDENCE, check_extent
+from deepsim.losses import FEATURE_NET_OF
 from deepsim.io import (has_shear, load_displacement, make_staging_dir, read_image, save_displacement, save_itk_affine,
                         save_like, save_volume, smallest_label_dtype)
 from deepsim.output_folder import check_output_file, check_targets, publish_files
 from deepsim.registration.affine import AffineRegistration
+from deepsim.registration.checks import (PATHS, choose_contrast, orientation_warnings, report_warnings,
+                                         result_warnings)
 from deepsim.geometry import Grid, apply_affine, grid_points, sample_at
 from deepsim.registration.instance import InstanceOptimisation, instance_similarity, test_time_loss
 from deepsim.registration.model import RegistrationModel, resolve_model
-from deepsim.registration.overlap import check_overlap
+from deepsim.registration.overlap import WARN_OVERLAP, check_overlap
 from deepsim.registration.pipeline import Registrar
 from deepsim.spatial import ddf_world_to_voxel
 
@@ -180,17 +190,20 @@ def register_files(
     tracking_uri: str | None = None,
     spacing_mm: float | None = None,
     progress: bool = True,
-    network: bool = True,
+    network: bool | None = None,
     loss: str | None = None,
-    affine_metric: str = "ncc",
+    affine_metric: str | None = None,
     overwrite: bool = False,
+    contrast: str = "auto",
 ) -> dict[str, Path]:
     """Register ``moving`` to ``fixed`` and write the outputs listed in the module docstring into ``out_dir``.
 
     Stages: ``affine`` (torch, ``affine_metric`` "ncc" or "mi"), ``network`` (the model's prediction), instance
-    optimisation with ``iterations`` steps per pyramid level (0: none) on ``loss`` (default: the model's own loss;
-    ``learning_rate`` in voxels). Returns the written paths by name (``warped``, ``ddf_mm``, ``jacobian_det``,
-    ``report`` and, when given or used, ``warped_label``, ``affine``). ``model``: see
+    optimisation with ``iterations`` steps per pyramid level (0: none) on ``loss`` (``learning_rate`` in voxels).
+    ``contrast`` (``auto``, ``same``, ``different``) picks the defaults of ``affine_metric``, ``network`` and
+    ``loss`` left at None (:data:`deepsim.registration.checks.PATHS`; ``same``: NCC, the network, the model's own
+    loss). Returns the written paths by name (``warped``, ``ddf_mm``, ``jacobian_det``, ``report`` and, when given
+    or used, ``warped_label``, ``affine``). ``model``: see
     :func:`deepsim.registration.model.resolve_model`; ``spacing_mm`` overrides the training spacing a checkpoint
     records (or supplies it for one that does not). Without the network the optimisation runs on the fixed image's
     own grid (or at ``spacing_mm``). ``overwrite``: write into a non-empty folder deepsim did not create, replacing
@@ -209,17 +222,34 @@ def register_files(
         moving_lab_img = load_native(moving_label, "moving label map") if moving_label else None
         moving_lab = _check_label(moving_lab_img, moving_img) if moving_label else None
         fixed_norm, moving_norm = pool.map(normalise_intensity, (fixed_img, moving_img))
+    as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
+    fixed_t, moving_t = as_tensor(fixed_norm), as_tensor(moving_norm)
+    try:
+        choice = choose_contrast(contrast, fixed_t, fixed_img.affine, moving_t, moving_img.affine)
+    except ValueError as exc:
+        raise ConfigError(f"--contrast: {exc}") from exc
+    path = PATHS[choice.used]
+    affine_metric = path.affine_metric if affine_metric is None else affine_metric
+    network = path.network if network is None else network
+    loss = path.loss if loss is None else loss
+    warnings, orientation = orientation_warnings(fixed_t, fixed_img.affine, moving_t, moving_img.affine)
+    if choice.requested == "same" and choice.detected == "different":
+        warnings.append(f"--contrast same, but {moving_img.path} and {fixed_img.path} measure as different "
+                        f"contrasts (rank correlation {choice.relation:.2f} inside the brain): NCC and the network "
+                        "assume one contrast; leave --contrast at auto, or give different")
     net = None
-    if network or model is not None:
+    if network or model is not None or FEATURE_NET_OF.get(loss or ""):  # a DeepSim loss: the model's feature nets
         net = model if isinstance(model, RegistrationModel) else resolve_model(model, device, similarity,
                                                                                tracking_uri, spacing_mm)
         _check_model(fixed_img, net)
     working_spacing = net.spacing_mm if net is not None else spacing_mm
     if working_spacing is not None:
         check_extent(fixed_img.path, fixed_img.affine, fixed_img.array.shape, working_spacing)
+    fov_warned = False  # a field-of-view warning already given: the coverage check would say the same again
     if not affine:
-        check_overlap(fixed_img.grid, moving_img.grid, moving_img.path, fixed_img.path,
-                      hint="; or let the affine stage align them (leave out --no-affine / --network-only)")
+        fov_warned = check_overlap(fixed_img.grid, moving_img.grid, moving_img.path, fixed_img.path,
+                                   hint="; or let the affine stage align them (leave out --no-affine / "
+                                        "--network-only)") < WARN_OVERLAP
     if affine and affine_metric not in ("ncc", "mi"):
         raise ConfigError(f"--affine-metric must be ncc or mi, got {affine_metric!r}")
     optimiser = _instance_optimiser(net, loss, fixed_img.ndim, iterations, learning_rate, device)
@@ -230,9 +260,7 @@ def register_files(
         spacing_mm=working_spacing,
         size_multiple=net.size_multiple if network else 1,
     )
-    as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
-    result = registrar(as_tensor(fixed_norm), fixed_img.affine, as_tensor(moving_norm), moving_img.affine,
-                       progress=progress)
+    result = registrar(fixed_t, fixed_img.affine, moving_t, moving_img.affine, progress=progress)
     timings = dict(result.timings)
     to_moving = result.matrix
 
@@ -249,10 +277,20 @@ def register_files(
         if moving_lab is not None:
             warped_lab = sample_at(as_tensor(moving_lab), moving_img.affine, target, mode="nearest").cpu().numpy()
     timings["compose_s"] = time.perf_counter() - t0
-    check_overlap(target, moving_img.grid, moving_img.path, fixed_img.path, warn=affine)
+    overlap = check_overlap(target, moving_img.grid, moving_img.path, fixed_img.path, warn=False)
+    if affine and overlap < WARN_OVERLAP:
+        fov_warned = True
+        warnings.append(f"only {100 * overlap:.0f} % of {fixed_img.path} lies inside the field of view of "
+                        f"{moving_img.path}; the result is 0 elsewhere")
     if has_shear(fixed_img.affine, fixed_img.ndim):
-        print(f"deepsim: warning: {fixed_img.path} has sheared voxel axes, which ITK cannot represent: "
-              "ddf_mm.nii.gz is exact for nibabel and deepsim warp, but SimpleITK/ANTs refuse it", file=sys.stderr)
+        warnings.append(f"{fixed_img.path} has sheared voxel axes, which ITK cannot represent: ddf_mm.nii.gz is "
+                        "exact for nibabel and deepsim warp, but SimpleITK/ANTs refuse it")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        problems, checks = result_warnings(fixed_t, fixed_img.affine, moving_t, moving_img.affine, result,
+                                           coverage=not fov_warned)
+    warnings += problems
+    timings["checks_s"] = time.perf_counter() - t0
 
     instance = result.instance
     report: dict = {
@@ -267,6 +305,9 @@ def register_files(
         "working_grid": list(result.grid.shape), "device": str(device),
         "affine_prealignment": bool(affine), "affine_ras": to_moving.tolist() if affine else None,
         "affine_metric": affine_metric if affine else None,
+        "contrast": choice.to_dict(),
+        "warnings": warnings,
+        "checks": {**orientation, **checks},
         "instance_optimisation": None if optimiser is None else {
             "loss": optimiser.loss_name, "transform": optimiser.transform,
             "levels": list(optimiser.scales), "iterations": list(optimiser.iterations),
@@ -316,7 +357,9 @@ def register_files(
         report["outputs"] = {name: path.name for name, path in written.items()}
         (staging / "registration.json").write_text(json.dumps(report, indent=2) + "\n")
         written["report"] = staging / "registration.json"
-        return publish_files(written, out_dir, inputs, "deepsim register", overwrite)
+        published = publish_files(written, out_dir, inputs, "deepsim register", overwrite)
+        report_warnings(warnings)  # once the result exists: a run that fails says only its error
+        return published
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -370,10 +413,11 @@ def register_pairs(csv_path: str | Path, out_dir: str | Path, model: str | Path 
                    tracking_uri: str | None = None, spacing_mm: float | None = None, **options) -> list[dict]:
     """Register every pair of a CSV (see :func:`read_pairs`) with one loaded model, each into ``out_dir/<name>``
     (the outputs of :func:`register_files`), then write ``out_dir/registrations.csv`` (one row per pair: Dice,
-    folding, std log|J|, seconds). Loading the model and Python's start-up are paid once, not per pair.
+    folding, std log|J|, the contrast path used, the number of warnings, seconds). Loading the model and Python's
+    start-up are paid once, not per pair.
 
     ``options`` go to :func:`register_files` (``affine``, ``iterations``, ``learning_rate``, ``progress``,
-    ``overwrite``).
+    ``overwrite``, ``contrast``, ...).
     Each pair's folder is written atomically; a pair that fails stops the run with its error, and the folders of
     the pairs before it stay complete.
     """
@@ -399,6 +443,7 @@ def register_pairs(csv_path: str | Path, out_dir: str | Path, model: str | Path 
             rows.append({"name": pair["name"], "fixed": str(pair["fixed"]), "moving": str(pair["moving"]),
                          **{k: report.get(k) for k in ("dice_before", "dice_after_affine", "dice_after",
                                                        "folding_pct", "std_log_jacobian")},
+                         "contrast": report["contrast"]["used"], "warnings": len(report["warnings"]),
                          "seconds": time.perf_counter() - started})
         table = pd.DataFrame(rows)
         atomic_write(out_dir / "registrations.csv", lambda tmp: table.to_csv(tmp, index=False))

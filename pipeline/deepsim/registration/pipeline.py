@@ -197,11 +197,12 @@ def is_our_method(method: str, trained: list[str]) -> bool:
     return network is None or network in trained
 
 
-def method_registrar(method: str, models_dir, device: torch.device | str = "cpu") -> Registrar:
+def method_registrar(method: str, models_dir, device: torch.device | str = "cpu",
+                     affine_metric: str = "ncc") -> Registrar:
     """The :class:`Registrar` a method name stands for (:func:`parse_method`), in ``deepsim compare`` and the
     evaluation stage alike: every stage with its default settings, networks from ``models_dir/registration_<loss>.pt``
     and feature nets (DeepSim losses) from ``models_dir/feature_<kind>.pt``. A missing checkpoint raises
-    ConfigError."""
+    ConfigError. ``affine_metric``: the affine stage's metric (``"mi"`` for pairs of different contrasts)."""
     from deepsim.engine.checkpoints import load_network, registration_checkpoint_path
     from deepsim.errors import ConfigError
     from deepsim.registration.instance import instance_similarity
@@ -225,7 +226,8 @@ def method_registrar(method: str, models_dir, device: torch.device | str = "cpu"
         except (ValueError, OSError) as exc:
             raise ConfigError(f"method {method!r}: {exc}") from exc
         optimiser = InstanceOptimisation(similarity, loss_name=io_loss)
-    return Registrar(affine=AffineRegistration() if affine else None, network=network, optimiser=optimiser)
+    return Registrar(affine=AffineRegistration(metric=affine_metric) if affine else None, network=network,
+                     optimiser=optimiser)
 
 
 def registrar_params(registrar: Registrar) -> dict:

@@ -225,12 +225,34 @@ def _active() -> bool:
     return active_run_id() is not None
 
 
+#: (run id, metric) pairs whose history this process has looked at (see :func:`log_epoch_metrics`)
+_SEEN_KEYS: set[tuple[str, str]] = set()
+
+
+def _logged_before(run_id: str, key: str, step: int) -> bool:
+    """Whether ``key`` already has a value at ``step`` in the run: the first epoch a resumed training logs may
+    have been logged by the process that was killed after logging it and before saving its epoch-end state."""
+    if (run_id, key) in _SEEN_KEYS:
+        return False
+    _SEEN_KEYS.add((run_id, key))
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return any(m.step == step for m in MlflowClient().get_metric_history(run_id, key))
+    except Exception:  # the history could not be read: log the value (a repeated point, never a lost one)
+        return False
+
+
 def log_epoch_metrics(metrics: Mapping[str, float], epoch: int) -> None:
-    """Log per-epoch metrics (e.g. ``train/loss``) to the active run, step = epoch."""
+    """Log per-epoch metrics (e.g. ``train/loss``) to the active run, step = epoch; a metric the run already has
+    at this epoch (logged by a killed process whose training this one resumed) is not logged twice."""
     if _active():
         import mlflow
 
-        values = {k: float(v) for k, v in metrics.items()}
+        run_id = mlflow.active_run().info.run_id
+        values = {k: float(v) for k, v in metrics.items() if not _logged_before(run_id, k, int(epoch))}
+        if not values:
+            return
         with_retries(f"metrics {sorted(values)} of epoch {epoch} to run {mlflow.active_run().info.run_id}",
                       lambda: mlflow.log_metrics(values, step=int(epoch)))
 

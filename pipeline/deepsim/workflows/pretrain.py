@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-pairs", type=int, default=6)
     p.add_argument("--shapes-probability", type=float, default=0.0, help="share of random 'shapes' label maps")
     p.add_argument("--same-contrast", action="store_true", help="one contrast per pair (default: one per image)")
+    p.add_argument("--synth", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="other generator settings (deepsim.data.synth.SynthOptions), e.g. max_rotation_deg=3")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available")
@@ -92,6 +94,24 @@ def _feature_parts(args, bank):
     return "feature_net", kwargs, task, "images", feature_checkpoint_path(args.out, kind)
 
 
+def _synth_overrides(items: Sequence[str]) -> dict:
+    """``NAME=VALUE`` strings as generator settings, each value read as JSON (numbers, lists) or kept as text."""
+    from deepsim.data.synth import SynthOptions
+
+    known = {f.name for f in dataclasses.fields(SynthOptions)}
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in known:
+            raise SystemExit(f"--synth {item!r}: expected NAME=VALUE with NAME one of {sorted(known)}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out[name] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return out
+
+
 def train(args: argparse.Namespace) -> Path:
     """Run (or continue) one pretraining stage; returns the checkpoint path."""
     import numpy as np
@@ -113,6 +133,7 @@ def train(args: argparse.Namespace) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     bank = LabelBank.load(args.bank, device=device)
     synth_kwargs = {"shapes_probability": args.shapes_probability, "same_contrast": args.same_contrast}
+    synth_kwargs.update(_synth_overrides(args.synth))
     if args.stage != "registration":
         # a feature net's labels name left and right structures: a flipped image would teach it to swap them
         synth_kwargs["flip_probability"] = 0.0
@@ -140,7 +161,8 @@ def train(args: argparse.Namespace) -> Path:
                                      stateful={"train_averages": averages, "save_network": save},
                                      fingerprint={"seed": args.seed, "stage": args.stage, "loss": args.loss,
                                                   "learning_rate": args.learning_rate,
-                                                  "batch_size": args.batch_size, "bank": args.bank.name})]
+                                                  "batch_size": args.batch_size, "bank": args.bank.name,
+                                                  "synth": " ".join(sorted(args.synth))})]
     trainer = build_trainer(network, task, stream, max_epochs=args.steps // args.eval_every,
                             learning_rate=args.learning_rate, epoch_length=args.eval_every, device=device,
                             handlers=handlers, time_limit_s=args.time_limit, precision=args.precision)
