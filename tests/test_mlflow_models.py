@@ -105,11 +105,10 @@ def test_quick_profile_main_job_writes_mlflow_runs_and_finite_metrics(quick_run)
     out, proc = quick_run
     assert "| identity |" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
     results = pd.read_csv(out / "report" / "results.csv")
-    # the quick profile's accurate-path rows: the affine stage, each network after it, and the hybrid mse+io
-    assert set(results["method"]) == {"identity", "affine", "affine+mse", "affine+ncc", "affine+deepsim-ae",
-                                      "affine+deepsim-seg", "mse+io"}
+    # the networks alone, and the quick profile's accurate-path rows: the affine stage and the hybrid mse+io
+    assert set(results["method"]) == {"identity", "affine", "mse", "ncc", "deepsim-ae", "deepsim-seg", "mse+io"}
     assert all(math.isfinite(v) for v in results[["dice_mean", "folding_pct", "std_logjac"]].to_numpy().ravel())
-    for png in ("dice_boxplot.png", "overlay_affine+mse.png", "grid_affine+deepsim-seg.png", "jacobian_affine+ncc.png"):
+    for png in ("dice_boxplot.png", "overlay_mse.png", "grid_deepsim-seg.png", "jacobian_ncc.png"):
         assert (out / "report" / png).stat().st_size > 0
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("quick")
@@ -126,12 +125,9 @@ def test_quick_run_prints_only_results_on_stdout_and_no_bars_into_a_redirected_l
     _, proc = quick_run
     lines = proc.stdout.splitlines()
     assert not [line for line in lines if " - INFO - " in line or "WARNING" in line or "[deepsim]" in line]
-    # the table (2 + 7 rows), six stage comparisons (each network and the hybrid against the affine, the hybrid
-    # against its network), the report and MLflow lines: nothing else
-    assert any(line.startswith("| affine+deepsim-seg |") for line in lines) and len(lines) <= 24
+    # the table (2 + 7 rows), two stage comparisons, the report and MLflow lines: nothing else
+    assert any(line.startswith("| deepsim-seg |") for line in lines) and len(lines) <= 20
     assert any(line.startswith("mse+io vs affine: Dice") for line in lines)
-    assert any(line.startswith("mse+io vs affine+mse: Dice") for line in lines)
-    assert any(line.startswith("affine+deepsim-ae vs affine: Dice") for line in lines)
     assert "\r" not in proc.stderr and "%|" not in proc.stderr
     assert "registered model: models:/deepsim-quick/1 (models:/deepsim-quick@best)" in proc.stderr
 

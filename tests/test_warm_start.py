@@ -1,10 +1,13 @@
 """``registration_init``: a registration stage starts from a trained network (loaded strictly, refused in one line
-when its architecture differs), and the main job checks it before anything runs; the default profile starts from
-the shipped 2 mm network, and the main job's table scores each network after the affine stage."""
+when its architecture differs or the file is missing), and the main job checks it before anything runs. Every
+shipped profile trains from scratch until a pretrained synthetic network ships; a profile with
+``networks_after_affine`` scores each network after the affine stage, whose fit the rows that start with it share.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -94,13 +97,14 @@ def test_the_main_job_refuses_a_missing_init_before_it_writes_anything(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_the_default_profile_starts_every_loss_from_the_shipped_2mm_network_on_affine_pairs():
+def test_the_default_profile_trains_every_loss_from_scratch_with_the_pretraining_architecture():
+    """No pretrained synthetic network ships yet, so the default keeps main's job: no registration_init, centre
+    alignment; its network is the architecture the pretraining uses, so a shipped checkpoint will load strictly."""
     from monai.bundle import ConfigParser
 
     from deepsim.workflow import STAGE_FILES, bundle_dir, stage_common
 
     profile = load_profile("default")
-    assert profile.common["alignment"] == "affine" and profile.common["spacing_mm"] == 2.0
     bundle = bundle_dir(profile.bundle)
     for loss in profile.losses:
         parser = ConfigParser()
@@ -108,19 +112,25 @@ def test_the_default_profile_starts_every_loss_from_the_shipped_2mm_network_on_a
         parser.read_config([str(configs / "common.json"), str(configs / STAGE_FILES["registration"])])
         parser.update({"bundle_root": str(bundle),
                        **registration_overrides(profile, stage_common(profile, Path("out")), loss)})
-        init = Path(parser.get_parsed_content("registration_init"))
-        assert init == bundle / "models" / "pretrained" / "registration_dice_2mm.pt"
+        assert parser.get_parsed_content("registration_init") is None
+        assert parser.get_parsed_content("alignment") == "centre" and parser.get_parsed_content("pairs") == "fixed"
         # the architecture the lead's pretraining uses (issue 25): a checkpoint of it loads strictly
         assert architecture("registration_net", parser.get_parsed_content("network_kwargs")) == architecture(
             "registration_net", {"spatial_dims": 3, "in_channels": 1, "channels": (16, 32, 32, 32),
                                  "diffeomorphic": False, "half_res": True})
 
 
-def test_with_the_affine_row_each_network_is_scored_after_the_affine_stage():
+def test_networks_are_scored_alone_unless_the_profile_scores_them_after_the_affine_stage(tmp_path):
     profile = load_profile("default")
-    methods = evaluation_methods(profile, profile.losses)
-    assert methods == ["identity", "affine", "affine+mse", "affine+ncc", "affine+deepsim-ae", "affine+deepsim-seg",
-                       "ncc+io"]
+    assert evaluation_methods(profile, profile.losses) == ["identity", "affine", "mse", "ncc", "deepsim-ae",
+                                                           "deepsim-seg", "ncc+io"]  # main's table, unchanged
+    raw = json.loads(Path(profile.source).read_text())
+    (tmp_path / "after.json").write_text(json.dumps({**raw, "networks_after_affine": True}))
+    after = load_profile(str(tmp_path / "after.json"))
+    assert evaluation_methods(after, after.losses) == ["identity", "affine", "affine+mse", "affine+ncc",
+                                                       "affine+deepsim-ae", "affine+deepsim-seg", "ncc+io"]
+    # without hybrids the affine row still comes with the networks after it, and not without them
+    assert evaluation_methods(replace(after, hybrids=[]), ["mse"]) == ["identity", "affine", "affine+mse"]
     paper = load_profile("paper_brain")
     assert evaluation_methods(paper, ["mse", "ncc"]) == ["identity", "mse", "ncc"]  # no affine row: as trained
     assert [network_of_row(m) for m in ("affine+ncc", "ncc", "ncc+io", "affine", "identity")] == [

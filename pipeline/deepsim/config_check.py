@@ -22,7 +22,7 @@ from deepsim.errors import ConfigError
 __all__ = ["check_profile", "VALUE_RULES"]
 
 _TOP_TYPES = {"description": str, "experiment": str, "bundle": str, "common": dict, "losses": list,
-              "stages": dict, "lambdas": dict, "hybrids": list}
+              "stages": dict, "lambdas": dict, "hybrids": list, "networks_after_affine": bool}
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
                dict: "an object"}
 

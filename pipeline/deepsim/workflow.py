@@ -64,7 +64,8 @@ MULTI_GPU_FILES = {
     "registration": "multi_gpu_train_registration.json",
 }
 logger = logging.getLogger(__name__)
-_PROFILE_KEYS = {"description", "experiment", "bundle", "common", "losses", "stages", "lambdas", "hybrids"}
+_PROFILE_KEYS = {"description", "experiment", "bundle", "common", "losses", "stages", "lambdas", "hybrids",
+                 "networks_after_affine"}
 
 
 @dataclass
@@ -80,6 +81,9 @@ class Profile:
     description: str = ""
     #: losses whose hybrid ``<loss>+io`` (affine, network, instance optimisation) the evaluation stage scores
     hybrids: list[str] = field(default_factory=list)
+    #: score each network after the affine stage (rows ``affine+<loss>``) instead of alone; false in every shipped
+    #: profile until a network pretrained on affinely aligned synthetic pairs ships (``registration_init``)
+    networks_after_affine: bool = False
     bundle: str = "brain_mri"
     source: str = field(default="")
 
@@ -114,7 +118,7 @@ def load_profile(name_or_path: str) -> Profile:
     return Profile(name=path.stem, experiment=raw.get("experiment", path.stem), common=raw.get("common", {}),
                    losses=list(raw.get("losses", SIMILARITY_NAMES)), stages=raw.get("stages", {}),
                    lambdas=raw.get("lambdas", {}), description=raw.get("description", ""),
-                   hybrids=list(raw.get("hybrids", [])),
+                   hybrids=list(raw.get("hybrids", [])), networks_after_affine=raw.get("networks_after_affine", False),
                    bundle=raw.get("bundle", "brain_mri"), source=str(path))
 
 
@@ -368,15 +372,18 @@ def _run_pipeline(profile: Profile, output_dir: Path, tracking_uri: str | None, 
 
 
 def evaluation_methods(profile: Profile, losses: Sequence[str]) -> list[str]:
-    """What the evaluation stage scores: the identity and every trained network, and, when the profile lists
+    """What the evaluation stage scores: the identity, every trained network, and, when the profile lists
     ``hybrids``, the affine stage alone and those hybrids that were trained (affine, network, instance
-    optimisation): the accurate path's rows beside the learned ones. With the affine row, each network is scored
-    after the affine stage (``affine+<loss>``), as the hybrids start, so every row after ``affine`` shows what its
-    own stage adds to the same start; without it (the paper's table), each network alone, as it was trained."""
+    optimisation): the accurate path's rows beside the learned ones.
+
+    Each network is scored alone (``<loss>``, as it was trained on the prepared pairs), or, with the profile's
+    ``networks_after_affine``, after the affine stage (``affine+<loss>``, beside the ``affine`` row): the hybrids'
+    start, so every row after ``affine`` shows what its own stage adds to one start (a fine-tuned network pretrained
+    on affinely aligned pairs, ``registration_init``)."""
     hybrids = [f"{loss}+io" for loss in profile.hybrids if loss in losses]
-    if not hybrids:
-        return ["identity", *losses]
-    return ["identity", "affine", *(f"affine+{loss}" for loss in losses), *hybrids]
+    after = profile.networks_after_affine
+    networks = [f"affine+{loss}" if after else loss for loss in losses]
+    return ["identity", *(["affine"] if hybrids or after else []), *networks, *hybrids]
 
 
 def network_of_row(method: str) -> str | None:
