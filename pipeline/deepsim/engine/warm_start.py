@@ -1,10 +1,11 @@
 """Start a training stage from a trained network (``registration_init``): fine-tuning instead of training anew.
 
-The main job fine-tunes the shipped pretrained registration network (trained on synthetic label-driven pairs,
-:mod:`deepsim.workflows.pretrain`) with each loss on the user's data. The stage builds its network from its own
-config as always; :func:`warm_start` then loads the checkpoint's weights into it with ``strict=True``. A checkpoint
-of another architecture is refused in one line that names both, before any step runs: silently training a
-different network than the config says would make every number after it a lie.
+Meant for the main job to fine-tune, with each loss on the user's data, a registration network pretrained on
+synthetic label-driven pairs (:mod:`deepsim.workflows.pretrain`); null (training anew) in every shipped profile until
+such a network good enough to ship exists. The stage builds its network from its own config as always;
+:func:`warm_start` then loads the checkpoint's weights into it with ``strict=True``. A missing file, or a checkpoint
+of another architecture, is refused in one line that names the file (and both architectures), before any step runs:
+silently training a different network than the config says would make every number after it a lie.
 """
 
 from __future__ import annotations
