@@ -54,3 +54,15 @@ def two_runs_started_together(tmp_path_factory) -> dict:
         _, err = proc.communicate(timeout=600)
         runs.append((proc.returncode, err))
     return {"out": Path(out), "runs": runs}
+
+
+@pytest.fixture(scope="module")
+def quick_common(tmp_path_factory) -> dict:
+    """Quick-profile overrides on a fresh output folder (one per test module), with the toy data prepared by the
+    bundle's own stage."""
+    from deepsim.workflow import load_profile, run_stage
+
+    out = tmp_path_factory.mktemp("bundle")
+    common = {**load_profile("quick").common, "output_dir": str(out), "progress": False}
+    run_stage("preprocess", common)
+    return common

@@ -10,7 +10,7 @@ import pytest
 from monai.bundle import ConfigParser
 
 from deepsim.cli import main
-from deepsim.workflow import STAGE_FILES, bundle_dir, load_profile, run_stage
+from deepsim.workflow import STAGE_FILES, bundle_dir, run_stage
 
 BUNDLE = bundle_dir()
 REPO = Path(__file__).resolve().parents[1]
@@ -31,15 +31,6 @@ def test_installed_bundle_is_the_repository_bundle():
     for name in ("common.json", "train_registration.json"):
         assert json.loads((BUNDLE / "configs" / name).read_text()) == json.loads(
             (REPO / "bundles" / "brain_mri" / "configs" / name).read_text())
-
-
-@pytest.fixture(scope="module")
-def quick_common(tmp_path_factory):
-    """Quick-profile overrides on a fresh output folder, with the toy data prepared by the bundle's own stage."""
-    out = tmp_path_factory.mktemp("bundle")
-    common = {**load_profile("quick").common, "output_dir": str(out), "progress": False}
-    run_stage("preprocess", common)
-    return common
 
 
 @pytest.mark.parametrize("stage", ["feature_ae", "feature_seg"])

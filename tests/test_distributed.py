@@ -73,7 +73,7 @@ def test_two_gloo_ranks_train_registration_like_one_process_with_the_global_batc
     one = ConfigWorkflow(config_file=[*files[:2], str(record)], meta_file=str(CONFIGS / "metadata.json"),
                          logging_file=False, workflow_type=None,
                          **{**QUICK, "output_dir": str(one_out), "train#dataloader#batch_size": 2,
-                            "train#dataset#num_pairs": 2 * steps})
+                            "train#dataloader#num_pairs": 2 * steps})
     one.initialize()
     one.run()
     one.finalize()
@@ -97,6 +97,30 @@ def test_two_gloo_ranks_train_registration_like_one_process_with_the_global_batc
     reference = torch.load(one_out / "models" / "registration_ncc.pt", weights_only=True)["meta"]
     for metric in ("train/loss", "val/dice"):  # epoch averages and validation reduced over the ranks
         assert saved["meta"][metric] == pytest.approx(reference[metric], rel=LOSS_RTOL)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_on_alternate_batches_of_the_synthetic_stream(tmp_path):
+    from deepsim.data.pair_sources import training_bank, training_pairs
+
+    record = tmp_path / "record.json"
+    seen = {"seen": "$[]", "run": ["$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_STARTED, "
+                                   "lambda engine: @seen.append(float(engine.state.batch['fixed'].sum())))",
+                                   *RECORD["run"], "$torch.save(@seen, @output_dir + '/seen' + str(@rank) + '.pt')"]}
+    record.write_text(json.dumps({**RECORD, **seen}))
+    files = [str(CONFIGS / "common.json"), str(CONFIGS / STAGE_FILES["registration"]),
+             str(CONFIGS / MULTI_GPU_FILES["registration"]), str(record)]
+    out = tmp_path / "ddp"
+    torchrun("-m", "monai.bundle", "run", "--config_file", str(files),
+             *_overrides({**QUICK, "output_dir": str(out), "pairs": "synthetic"}), cwd=tmp_path)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in ranks[0]["state"])
+    seen = [torch.load(out / f"seen{r}.pt", weights_only=True) for r in (0, 1)]
+    datalist = out / "data" / "datalist.json"
+    stream = training_pairs("synthetic", datalist, training_bank("synthetic", datalist), num_pairs=1, seed=0)
+    steps = QUICK["max_epochs"] * QUICK["epoch_length"]
+    expected = [float(b["fixed"].sum()) for b, _ in zip(stream, range(2 * steps))]
+    assert seen[0] == expected[0::2] and seen[1] == expected[1::2]  # rank r reads batches r, r + 2, ...
 
 
 @pytest.mark.slow
@@ -163,8 +187,11 @@ def test_multi_gpu_config_wraps_the_stage_network_and_shards_its_data(bundle, st
     assert parser["train#trainer#network#_target_"] == "deepsim.engine.distributed.wrap_ddp"
     assert parser["train#dataloader#sampler"] == "@train#sampler"
     assert parser["train#sampler#shuffle"] == (stage != "registration")
+    # fixed data: each rank's shard of the pairs; synthetic pairs: each rank's stride of the stream
+    assert parser["train#dataloader#world_size"] == "$torch.distributed.get_world_size()"
     assert parser["finalize"] == [{"_target_": "deepsim.engine.distributed.destroy"}]
-    saving = [h for h in parser["train#handlers"] if h.get("stateful", {}).get("sampler") == "@train#sampler"]
+    sampler = "$getattr(@train#dataloader, 'sampler', None)"
+    saving = [h for h in parser["train#handlers"] if h.get("stateful", {}).get("sampler") == sampler]
     assert [h["_target_"] for h in saving] == ["deepsim.engine.resume.TrainingState"]  # resuming replays the pass
     twin = bundle_dir("cells_2d" if bundle == "brain_mri" else "brain_mri") / "configs" / MULTI_GPU_FILES[stage]
     assert json.loads((configs / MULTI_GPU_FILES[stage]).read_text()) == json.loads(twin.read_text())

@@ -118,3 +118,18 @@ def test_stage_comparisons_pair_each_hybrid_with_the_affine_and_its_network():
     assert len(lines) == 2 and lines[0].startswith("ncc+io vs affine: Dice +0.")
     assert "better on 5 of 6 pairs" in lines[0] and "ncc+io vs ncc" in lines[1] and "Wilcoxon p = " in lines[1]
     assert stage_comparisons(pd.DataFrame([r for r in rows if r["method"] != "ncc+io"])) == []
+
+
+def test_stage_comparisons_pair_each_network_after_the_affine_with_the_affine_and_the_hybrid_with_its_start():
+    import pandas as pd
+
+    from deepsim.evaluation.summary import stage_comparisons
+
+    rows = [{"method": m, "pair_id": i, "dice_mean": d + 0.01 * i}
+            for m, d in (("identity", 0.2), ("affine", 0.35), ("affine+mse", 0.30), ("affine+ncc", 0.42),
+                         ("ncc+io", 0.50), ("affine+io", 0.45)) for i in range(6)]
+    lines = stage_comparisons(pd.DataFrame(rows))
+    assert [line.split(":")[0] for line in lines] == ["affine+mse vs affine", "affine+ncc vs affine",
+                                                      "ncc+io vs affine", "ncc+io vs affine+ncc", "affine+io vs affine"]
+    assert lines[0].startswith("affine+mse vs affine: Dice -0.050, better on 0 of 6 pairs")
+    assert lines[3].startswith("ncc+io vs affine+ncc: Dice +0.080, better on 6 of 6 pairs")

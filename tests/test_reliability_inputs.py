@@ -205,6 +205,10 @@ BAD_PROFILES = {
                                       "it"),
     "empty channel list": (lambda p: p["common"].update(registration_channels=[]),
                            "common.registration_channels must be a non-empty list of integers >= 1, got []"),
+    "unknown pair source": (lambda p: p["common"].update(pairs="synth"),
+                            "common.pairs must be \"fixed\" or \"synthetic\", got \"synth\""),
+    "networks_after_affine as a string": (lambda p: p.update(networks_after_affine="yes"),
+                                          "networks_after_affine must be true or false, got \"yes\""),
 }
 
 

@@ -194,15 +194,17 @@ def test_the_resume_flag_reads_the_strings_the_monai_bundle_command_line_passes(
         TrainingState(tmp_path / "x.pt", resume="no")
 
 
-@pytest.mark.parametrize("stage", ["registration", "feature_seg"])
-def test_a_bundle_stage_resumes_exactly_through_its_config_wiring(tmp_path, monkeypatch, stage):
+@pytest.mark.parametrize("stage, pairs", [("registration", "fixed"), ("feature_seg", "fixed"),
+                                          ("registration", "synthetic"), ("feature_seg", "synthetic")])
+def test_a_bundle_stage_resumes_exactly_through_its_config_wiring(tmp_path, monkeypatch, stage, pairs):
     """The bundle's TrainingState gets the stage's own epoch averages, clock and contrast randomisation (config
-    references): a stage crashed mid-epoch and run again with ``resume: true`` ends as an uninterrupted one."""
+    references): a stage crashed mid-epoch and run again with ``resume: true`` ends as an uninterrupted one, with
+    the prepared pairs and with the synthetic stream (which continues at its next batch: ``skip``)."""
     from deepsim.engine import trainer
     from deepsim.workflow import load_profile, run_stage
 
     common = {**load_profile("quick").common, "output_dir": str(tmp_path), "progress": False, "checkpoint_every": 3,
-              "intensity_augmentation": True}
+              "intensity_augmentation": True, "pairs": pairs}
     run_stage("preprocess", common)
     overrides = {**common, "max_epochs": 3, "epoch_length": 5, "similarity": "mse", "validation_pairs": 1}
     name = "registration_mse" if stage == "registration" else "feature_seg"

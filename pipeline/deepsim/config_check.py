@@ -22,7 +22,7 @@ from deepsim.errors import ConfigError
 __all__ = ["check_profile", "VALUE_RULES"]
 
 _TOP_TYPES = {"description": str, "experiment": str, "bundle": str, "common": dict, "losses": list,
-              "stages": dict, "lambdas": dict, "hybrids": list}
+              "stages": dict, "lambdas": dict, "hybrids": list, "networks_after_affine": bool}
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
                dict: "an object"}
 
@@ -61,6 +61,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "spatial_dims": (lambda v: v in (2, 3) and not isinstance(v, bool), "2 or 3"),
     "precision": (lambda v: v in ("fp32", "bf16"), '"fp32" or "bf16"'),
     "alignment": (lambda v: v in ("centre", "affine"), '"centre" or "affine"'),
+    "pairs": (lambda v: v in ("fixed", "synthetic"), '"fixed" or "synthetic"'),
     "feature_channels": (_ints(1), "a non-empty list of integers >= 1"),
     "registration_channels": (_ints(1), "a non-empty list of integers >= 1"),
     "roi_size": (lambda v: v is None or _ints(1)(v), "null or a list of integers >= 1"),

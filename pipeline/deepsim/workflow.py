@@ -37,8 +37,10 @@ __all__ = [
     "Profile",
     "bundle_dir",
     "check_losses",
+    "check_registration_init",
     "evaluation_methods",
     "load_profile",
+    "network_of_row",
     "prepare_and_pretrain",
     "registration_overrides",
     "run_pipeline",
@@ -62,7 +64,8 @@ MULTI_GPU_FILES = {
     "registration": "multi_gpu_train_registration.json",
 }
 logger = logging.getLogger(__name__)
-_PROFILE_KEYS = {"description", "experiment", "bundle", "common", "losses", "stages", "lambdas", "hybrids"}
+_PROFILE_KEYS = {"description", "experiment", "bundle", "common", "losses", "stages", "lambdas", "hybrids",
+                 "networks_after_affine"}
 
 
 @dataclass
@@ -78,6 +81,9 @@ class Profile:
     description: str = ""
     #: losses whose hybrid ``<loss>+io`` (affine, network, instance optimisation) the evaluation stage scores
     hybrids: list[str] = field(default_factory=list)
+    #: score each network after the affine stage (rows ``affine+<loss>``) instead of alone; false in every shipped
+    #: profile until a network pretrained on affinely aligned synthetic pairs ships (``registration_init``)
+    networks_after_affine: bool = False
     bundle: str = "brain_mri"
     source: str = field(default="")
 
@@ -112,7 +118,7 @@ def load_profile(name_or_path: str) -> Profile:
     return Profile(name=path.stem, experiment=raw.get("experiment", path.stem), common=raw.get("common", {}),
                    losses=list(raw.get("losses", SIMILARITY_NAMES)), stages=raw.get("stages", {}),
                    lambdas=raw.get("lambdas", {}), description=raw.get("description", ""),
-                   hybrids=list(raw.get("hybrids", [])),
+                   hybrids=list(raw.get("hybrids", [])), networks_after_affine=raw.get("networks_after_affine", False),
                    bundle=raw.get("bundle", "brain_mri"), source=str(path))
 
 
@@ -171,6 +177,25 @@ def registration_overrides(profile: Profile, common: Mapping[str, Any], loss: st
     if loss in profile.lambdas:
         overrides["regularization_weight"] = profile.lambdas[loss]
     return overrides
+
+
+def check_registration_init(profile: Profile, common: Mapping[str, Any], losses: Sequence[str]) -> None:
+    """Each loss's ``registration_init`` (the network its training starts from), resolved as its stage will resolve
+    it and checked (:func:`deepsim.engine.warm_start.check_init`): a missing file or another architecture stops
+    the job in one line before any data are prepared."""
+    from monai.bundle import ConfigParser
+
+    from deepsim.engine.warm_start import check_init
+
+    bundle = bundle_dir(profile.bundle)
+    configs = bundle / "configs"
+    for loss in losses:
+        parser = ConfigParser()
+        parser.read_config([str(configs / "common.json"), str(configs / STAGE_FILES["registration"])])
+        parser.update({"bundle_root": str(bundle), **registration_overrides(profile, common, loss)})
+        init = parser.get_parsed_content("registration_init")
+        if init:
+            check_init(init, "registration_net", parser.get_parsed_content("network_kwargs"))
 
 
 def registration_artifacts(models_dir: Path, loss: str) -> list[tuple[Path, str]]:
@@ -254,6 +279,7 @@ def run_pipeline(
     """
     output_dir = Path(output_dir).resolve()
     losses = check_losses(losses or profile.losses)  # before anything is written
+    check_registration_init(profile, stage_common(profile, output_dir, seed, progress, device), losses)
     dataset = profile.common.get("dataset")
     if isinstance(dataset, str) and dataset not in ("embedded", "cells", "toy") and Path(dataset).exists():
         check_apart(dataset, output_dir / "data", "the profile's dataset")
@@ -346,11 +372,29 @@ def _run_pipeline(profile: Profile, output_dir: Path, tracking_uri: str | None, 
 
 
 def evaluation_methods(profile: Profile, losses: Sequence[str]) -> list[str]:
-    """What the evaluation stage scores: the identity and every trained network alone, and, when the profile lists
+    """What the evaluation stage scores: the identity, every trained network, and, when the profile lists
     ``hybrids``, the affine stage alone and those hybrids that were trained (affine, network, instance
-    optimisation): the accurate path's rows beside the learned ones."""
+    optimisation): the accurate path's rows beside the learned ones.
+
+    Each network is scored alone (``<loss>``, as it was trained on the prepared pairs), or, with the profile's
+    ``networks_after_affine``, after the affine stage (``affine+<loss>``, beside the ``affine`` row): the hybrids'
+    start, so every row after ``affine`` shows what its own stage adds to one start (a fine-tuned network pretrained
+    on affinely aligned pairs, ``registration_init``)."""
     hybrids = [f"{loss}+io" for loss in profile.hybrids if loss in losses]
-    return ["identity", *(["affine"] if hybrids else []), *losses, *hybrids]
+    after = profile.networks_after_affine
+    networks = [f"affine+{loss}" if after else loss for loss in losses]
+    return ["identity", *(["affine"] if hybrids or after else []), *networks, *hybrids]
+
+
+def network_of_row(method: str) -> str | None:
+    """The trained loss whose network a table row shows on its own (``<loss>`` or ``affine+<loss>``), else None."""
+    from deepsim.registration.pipeline import parse_method
+
+    try:
+        _, network, io_loss = parse_method(method)
+    except ValueError:
+        return None
+    return network if io_loss is None else None
 
 
 def tracked_stage(run_name: str, stage: str, overrides: Mapping[str, Any], tags: Mapping[str, str],
@@ -421,8 +465,9 @@ def _log_test_metrics(summary, run_ids: Mapping[str, str], evaluation_run_id: st
 
     client = mlflow.tracking.MlflowClient()
     for row in summary.to_dict("records"):
+        network = network_of_row(row["method"])
         for key in ("dice_mean", "dice_std", "folding_pct", "std_logjac"):
             value = float(row[key])
             client.log_metric(evaluation_run_id, f"test/{row['method'].replace('+', '_')}/{key}", value)
-            if row["method"] in run_ids:
-                client.log_metric(run_ids[row["method"]], f"test/{key}", value)
+            if network in run_ids:
+                client.log_metric(run_ids[network], f"test/{key}", value)

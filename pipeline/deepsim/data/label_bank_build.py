@@ -49,13 +49,15 @@ __all__ = ["with_tissue_classes", "load_fsaverage", "build_label_bank"]
 _BRAINSTEM = 83  # in fsaverage only: the embedded donors' maps have no brainstem
 
 
-def with_tissue_classes(labels: np.ndarray, masks: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """DK map (*S) + WHITE_MATTER where ``synthesize_t1`` paints white matter (brain, unlabelled, not CSF) + CSF
-    where it paints CSF (``brain_mask``'s ``csf``). masks: ``brain_mask(labels, spacing)``. → int16 (*S)."""
+def with_tissue_classes(labels: np.ndarray, masks: tuple[np.ndarray, np.ndarray],
+                        values: tuple[int, int] = (WHITE_MATTER, CSF)) -> np.ndarray:
+    """DK map (*S) + ``values[0]`` (WHITE_MATTER) where ``synthesize_t1`` paints white matter (brain, unlabelled,
+    not CSF) + ``values[1]`` (CSF) where it paints CSF (``brain_mask``'s ``csf``). masks: ``brain_mask(labels,
+    spacing)``. → int16 (*S)."""
     brain, csf = masks
     out = np.asarray(labels).astype(np.int16)
-    out[brain & (out == 0) & ~csf] = WHITE_MATTER
-    out[csf & (np.asarray(labels) == 0)] = CSF
+    out[brain & (out == 0) & ~csf] = values[0]
+    out[csf & (np.asarray(labels) == 0)] = values[1]
     return out
 
 

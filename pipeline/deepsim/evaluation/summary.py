@@ -32,6 +32,8 @@ __all__ = [
 
 # Name of the no-registration baseline (u = 0): listed first, and it has no training time.
 IDENTITY_METHOD = "identity"
+#: the suffix of a hybrid row (affine, network, instance optimisation); registration.pipeline.HYBRID's spelling
+HYBRID = "+io"
 # The per-pair numbers a results row carries (pair_metrics returns the per-label Dice dict beside them).
 SCALAR_METRICS = ("dice_mean", "folding_pct", "std_logjac")
 
@@ -123,13 +125,29 @@ def format_number(value: float, digits: int = 3) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _baselines(method: str, methods: list[str]) -> list[str]:
+    """The rows that ``method`` adds its own stage to: ``affine`` for a network after the affine
+    (``affine+<loss>``); ``affine`` and the hybrid's network start (``affine+<loss>``, else ``<loss>`` alone) for
+    a hybrid ``<loss>+io``."""
+    if method.endswith(HYBRID):
+        network = method[: -len(HYBRID)]
+        if network == "affine":
+            return ["affine"]
+        return ["affine", f"affine+{network}" if f"affine+{network}" in methods else network]
+    if method.startswith("affine+") and HYBRID not in method:
+        return ["affine"]
+    return []
+
+
 def stage_comparisons(results: pd.DataFrame) -> list[str]:
-    """One line per hybrid ``<loss>+io`` in ``results``: its Dice against the ``affine`` row and against the network
-    ``<loss>`` alone, over their common pairs (mean difference, pairs improved, two-sided Wilcoxon p)."""
+    """One line per (row, baseline) where a row adds a stage to a baseline in ``results``: each network after the
+    affine (``affine+<loss>``) against ``affine``; each hybrid ``<loss>+io`` against ``affine`` and against its
+    network start (``affine+<loss>``, or ``<loss>`` alone when the table has no such row). Over their common pairs:
+    mean Dice difference, pairs improved, two-sided Wilcoxon p."""
     methods = list(dict.fromkeys(results["method"]))
     lines = []
-    for method in (m for m in methods if m.endswith("+io")):
-        for baseline in ("affine", method[: -len("+io")]):
+    for method in methods:
+        for baseline in _baselines(method, methods):
             if baseline not in methods or baseline == method:
                 continue
             a = results.loc[results["method"] == method].set_index("pair_id")["dice_mean"]
