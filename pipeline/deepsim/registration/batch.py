@@ -86,10 +86,9 @@ def register_batch(registrar: Registrar, fixed: torch.Tensor, fixed_affine: np.n
     out = []
     for i in range(size):
         timings[i].update(network_s=network_s, instance_optimisation_s=instance_s, batch_size=size)
-        own = None if instance is None else InstanceResult(instance.ddf[i:i + 1], instance.inverse_ddf[i:i + 1],
-                                                           instance.field[i:i + 1], instance.losses, instance.steps,
-                                                           instance.seconds / size)
-        # without an optimiser, a network's field is inverted when asked for (Registration.inverse)
+        # a missing inverse (greedy, or a network's field alone) is computed when asked for (Registration.inverse)
         own_inverse = None if inverse is None else inverse[i:i + 1]
+        own = None if instance is None else InstanceResult(instance.ddf[i:i + 1], own_inverse, instance.field[i:i + 1],
+                                                           instance.losses, instance.steps, instance.seconds / size)
         out.append(Registration(matrices[i], ddf[i:i + 1], grid, timings[i], affine_results[i], own, own_inverse))
     return out

@@ -55,7 +55,7 @@ class Registration:
     ``ddf``: (1, ndim, *G) displacement in voxels of the working ``grid`` after the deformable stages;
     ``timings``: seconds per stage; ``affine`` / ``instance``: the stages' own results (or None);
     ``inverse_ddf``: (1, ndim, *G) voxels, the inverse of the deformable part (id + ddf)⁻¹ on the working grid, as
-    the instance optimisation computed it (None: inverted from ``ddf`` when asked for, :meth:`inverse`)."""
+    the instance optimisation computed it (None: inverted from ``ddf`` when first asked for, :meth:`inverse`)."""
 
     matrix: np.ndarray
     ddf: torch.Tensor
