@@ -66,17 +66,18 @@ def _known_deformation(mask: np.ndarray, spacing: float, rms_mm: float, seed: in
     return field.astype(np.float32)
 
 
-def _moving(fixed: np.ndarray, d_vox: np.ndarray, seed: int) -> np.ndarray:
-    """moving with moving(x + d(x)) = fixed(x): fixed read through the inverse map (fixed-point iteration)."""
+def _moving(fixed: np.ndarray, d_vox: np.ndarray, seed: int, bias: float = 0.2, noise: float = 0.02) -> np.ndarray:
+    """moving with moving(x + d(x)) = fixed(x): fixed read through the inverse map (fixed-point iteration), times a
+    smooth bias field of ±``bias``, plus Gaussian noise of sd ``noise`` inside the image."""
     index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in fixed.shape], indexing="ij"))
     x = index.copy()
     for _ in range(30):  # solve x + d(x) = y for every grid point y
         x = index - np.stack([ndi.map_coordinates(c, x, order=1, mode="nearest") for c in d_vox])
     moving = ndi.map_coordinates(fixed, x, order=1, mode="constant")
     rng = np.random.default_rng(seed + 1)
-    bias = ndi.gaussian_filter(rng.standard_normal(fixed.shape), 30.0)
-    bias = 1.0 + 0.2 * bias / np.abs(bias).max()
-    noisy = moving * bias + rng.normal(0.0, 0.02, fixed.shape) * (moving > 0)
+    field = ndi.gaussian_filter(rng.standard_normal(fixed.shape), 30.0)
+    field = 1.0 + bias * field / np.abs(field).max()
+    noisy = moving * field + rng.normal(0.0, noise, fixed.shape) * (moving > 0)
     return np.clip(noisy, 0, None).astype(np.float32)
 
 

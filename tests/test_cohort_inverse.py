@@ -1,4 +1,4 @@
-"""The fixed-point inverse of a displacement field: φ⁻¹ ∘ φ ≈ id and φ ∘ φ⁻¹ ≈ id on analytic fields."""
+"""Inverting a displacement field (Newton): φ⁻¹ ∘ φ ≈ id and φ ∘ φ⁻¹ ≈ id on analytic fields."""
 
 import math
 

@@ -146,3 +146,21 @@ def test_torchrun_ranks_share_the_subjects_by_striding_and_finish_them_all(tmp_p
         ranks[summary["subject"]] = summary["rank"]
     assert ranks == {"01": 0, "02": 1, "03": 0, "04": 1}
     assert (out / "failures.csv").read_text().splitlines() == ["subject,session,t1w,error,time"]
+
+
+def test_cohort_passes_its_transform_to_the_optimiser_and_refuses_symmetric_with_a_deepsim_model():
+    """--transform reaches the instance optimisation and the settings fingerprint (a rerun with another transform
+    redoes the subjects); a model trained with a DeepSim loss cannot run symmetric: one ConfigError, before output."""
+    from types import SimpleNamespace
+
+    from deepsim.errors import ConfigError
+    from deepsim.workflows.cohort import CohortSettings, _registrar
+
+    model = SimpleNamespace(similarity="ncc", models_dir=None, network=None, spacing_mm=2.0, size_multiple=1)
+    assert _registrar(model, "fast", "cpu", "symmetric").optimiser.transform == "symmetric"
+    assert _registrar(model, "fast", "cpu").optimiser.transform == "greedy"
+    template = SimpleNamespace(name="T", sources=[], atlas_name=None)
+    assert CohortSettings().fingerprint(template, "m.pt")["transform"] == "greedy"
+    assert CohortSettings(transform="symmetric").fingerprint(template, "m.pt")["transform"] == "symmetric"
+    with pytest.raises(ConfigError, match="--transform symmetric cannot use the loss deepsim-seg"):
+        _registrar(SimpleNamespace(**{**vars(model), "similarity": "deepsim-seg"}), "fast", "cpu", "symmetric")

@@ -1,7 +1,5 @@
 """Instance optimisation and the registration pipeline: analytic fields, a known deformation recovered, no folding."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -13,29 +11,14 @@ from deepsim.registration.instance import (InstanceOptimisation, ddf_to_normalis
 from deepsim.registration.pipeline import Registrar
 from deepsim.losses import LocalNCCLoss
 from deepsim.spatial import warp_image
+from synthetic_fields import blob_scene, sine_field
 
 
 def _scene(shape, seed=0):
-    """(1, 1, *shape) image of a few Gaussian blobs on a dark background, values in [0, 1]."""
-    rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
-    image = np.zeros(shape)
-    for _ in range(20):
-        centre = [rng.uniform(0.2, 0.8) * n for n in shape]
-        width = rng.uniform(0.04, 0.09) * min(shape)
-        image += rng.uniform(0.4, 1.0) * np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre)) / (2 * width**2))
-    return torch.as_tensor(image / image.max(), dtype=torch.float32)[None, None]
+    return blob_scene(shape, seed)
 
 
-def _smooth_field(shape, amplitude_voxels, seed=0):
-    """(1, ndim, *shape) smooth displacement in voxels: one sine wave per component."""
-    rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) / n for n in shape], indexing="ij")
-    components = []
-    for _ in shape:
-        phase, k = rng.uniform(0, 2 * math.pi, len(shape)), rng.integers(0, 2, len(shape)) + 0.5
-        components.append(amplitude_voxels * np.sin(sum(2 * math.pi * kk * g + p for kk, g, p in zip(k, grids, phase))))
-    return torch.as_tensor(np.stack(components), dtype=torch.float32)[None]
+_smooth_field = sine_field
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

@@ -162,13 +162,16 @@ def test_outputs_lie_on_the_fixed_grid_keep_its_header_and_label_values(tmp_path
     assert "dice_before" in capsys.readouterr().out
 
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".deepsim")) == sorted(
-        ["warped.nii.gz", "ddf_mm.nii.gz", "jacobian_det.nii.gz", "warped_label.nii.gz", "registration.json"])
+        ["warped.nii.gz", "ddf_mm.nii.gz", "ddf_mm_inverse.nii.gz", "jacobian_det.nii.gz", "warped_label.nii.gz",
+         "registration.json"])
     expected_shapes = {"warped": fixed_shape, "ddf_mm": (*fixed_shape, 1, 3), "jacobian_det": fixed_shape,
                        "warped_label": fixed_shape}
     for stem, shape in expected_shapes.items():
         img = nib.load(out / f"{stem}.nii.gz")
         assert img.shape == shape, stem
         assert np.abs(img.affine - fixed_affine).max() < 1e-6, stem  # measured 4.8e-8 (float32 sform)
+    inverse = nib.load(out / "ddf_mm_inverse.nii.gz")  # the inverse lies on the moving image's grid
+    assert inverse.shape == (*MOVING_SHAPE, 1, 3) and np.abs(inverse.affine - MOVING_AFFINE).max() < 1e-6
     warped_img = nib.load(out / "warped.nii.gz")
     assert warped_img.header["descrip"].tobytes().rstrip(b"\0") == b"deepsim fixed test header"
     assert warped_img.header.get_xyzt_units() == ("mm", "msec")

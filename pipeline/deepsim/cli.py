@@ -212,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
         "voxel axes, which ITK cannot represent: then only nibabel and deepsim warp read it), jacobian_det.nii.gz, "
         "warped_label.nii.gz (with --moving-label), affine.tfm (the affine stage, ITK format) and "
         "registration.json (Dice before/after with both label maps, folding %%, std log|J|, stages, timings, the "
-        "contrast decision, warnings). "
+        "contrast decision, warnings, inverse consistency), and ddf_mm_inverse.nii.gz, the inverse transform on the "
+        "moving image's grid (deepsim warp --field brings fixed-image labels onto the moving image with it). "
+        "--transform picks the instance optimisation's model: greedy (default), symmetric (both images move "
+        "half-way, as ANTs SyN; not with the deepsim-* losses) or svf. "
         "Contrast: by default (--contrast auto) deepsim measures whether the two images share a contrast (a T1 "
         "against a T2 or PD image correlates negatively inside the brain) and picks the path: one contrast, the NCC "
         "affine, the network and the model's loss; different contrasts, the mutual-information affine and the NMI "
@@ -276,15 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--network-only", action="store_true",
                         help="the network's prediction alone: no affine stage, no instance optimisation (fastest; "
                         "needs images roughly aligned like the model's training pairs)")
-    stages.add_argument("--iterations", type=_COUNT, nargs="+", default=[50, 30, 15], metavar="N",
-                        help="instance optimisation steps per pyramid level (shrink 4, 2, 1), or one number for "
-                        "all levels; each level also stops on a loss plateau; 0: no instance optimisation")
+    stages.add_argument("--iterations", type=_COUNT, nargs="+", default=None, metavar="N",
+                        help="instance optimisation steps per pyramid level (shrink 4, 2, 1; default: 50 30 15), "
+                        "or one number for all levels; each level also stops on a loss plateau; 0: no instance "
+                        "optimisation")
+    stages.add_argument("--transform", choices=["greedy", "symmetric", "svf"], default=None,
+                        help="instance optimisation transform model: greedy compositive updates, symmetric "
+                        "(both images move half-way, as ANTs SyN) or a stationary velocity field (default: greedy; "
+                        "see docs/instance_optimisation.md)")
     stages.add_argument("--loss", default=None,
                         choices=["ncc", "mse", "mind", "nmi", "deepsim-ae", "deepsim-seg"],
                         help="instance optimisation loss (default: from --contrast: the model's own for one "
                         "contrast, nmi for different contrasts; deepsim-* need the model's feature net beside it)")
-    stages.add_argument("--learning-rate", type=_POSITIVE, default=0.5,
-                        help="instance optimisation: the longest step, in voxels of each level")
+    stages.add_argument("--learning-rate", type=_POSITIVE, default=None,
+                        help="instance optimisation: the longest step, in voxels of each level (default: 0.5)")
     rg.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu or cuda:0")
     rg.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --model runs:/... or models:/...")
     rg.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -368,6 +376,8 @@ def _add_cohort_parsers(sub) -> None:
     co.add_argument("--speed", choices=["accurate", "fast"], default="accurate",
                     help="fast: instance optimisation stops at half resolution (the CPU schedule)")
     co.add_argument("--model", default=None, help="registration model (as deepsim register --model); default shipped")
+    co.add_argument("--transform", choices=["greedy", "symmetric", "svf"], default=None,
+                    help="instance optimisation transform model, as deepsim register --transform (default: greedy)")
     co.add_argument("--device", type=_device, default="cpu", help="torch device (under torchrun: each rank's GPU)")
     co.add_argument("--batch-size", type=_PAIRS, default=1, help="subjects registered together")
     co.add_argument("--workers", type=_COUNT, default=0, help="DataLoader processes reading the images")
@@ -400,7 +410,7 @@ def _cohort(args: argparse.Namespace) -> int:
         raise UsageError("BIDS_DIR '-' needs --subjects CSV")
     settings = CohortSettings(template=args.template, atlas=args.atlas, speed=args.speed, model=args.model,
                               device=args.device, batch_size=args.batch_size, workers=args.workers,
-                              labels_dir=args.labels_dir, progress=not args.no_progress)
+                              labels_dir=args.labels_dir, progress=not args.no_progress, transform=args.transform)
     run, total = run_cohort(bids_dir, args.output_dir, settings, args.participant_label, args.subjects,
                             args.overwrite)
     print(f"{len(run.done)} registered, {total - len(run.done) - len(run.failed)} already complete or another "
@@ -601,10 +611,14 @@ def _register_stages(args: argparse.Namespace) -> dict:
     """The stage options of ``deepsim register`` as keyword arguments of ``register_files``."""
     if args.network_only and args.network is False:
         raise UsageError("--network-only and --no-network exclude each other")
+    if args.network_only and args.transform is not None:
+        raise UsageError(f"--transform {args.transform} names the instance optimisation's model, which "
+                         "--network-only skips; leave out one of them")
     if args.network_only:
         return {"affine": False, "network": True, "iterations": 0, "contrast": args.contrast}
     return {"affine": args.affine, "network": args.network, "iterations": args.iterations, "loss": args.loss,
-            "learning_rate": args.learning_rate, "affine_metric": args.affine_metric, "contrast": args.contrast}
+            "learning_rate": args.learning_rate, "affine_metric": args.affine_metric, "contrast": args.contrast,
+            "transform": args.transform}
 
 
 def _register(args: argparse.Namespace) -> int:

@@ -74,19 +74,21 @@ def register_batch(registrar: Registrar, fixed: torch.Tensor, fixed_affine: np.n
     network_s = (time.perf_counter() - t0) / size
 
     t0 = time.perf_counter()
-    instance = None
+    instance, inverse = None, None
     if registrar.optimiser is not None:
         instance = registrar.optimiser(moving_batch, fixed_batch, ddf, progress=progress)
-        ddf = instance.ddf
+        ddf, inverse = instance.ddf, instance.inverse_ddf
     if ddf is None:
-        ddf = torch.zeros(size, grid.ndim, *grid.shape, device=device)
+        ddf = inverse = torch.zeros(size, grid.ndim, *grid.shape, device=device)
     _synchronise(device)
     instance_s = (time.perf_counter() - t0) / size
 
     out = []
     for i in range(size):
         timings[i].update(network_s=network_s, instance_optimisation_s=instance_s, batch_size=size)
-        own = None if instance is None else InstanceResult(instance.ddf[i:i + 1], instance.velocity[i:i + 1],
+        # a missing inverse (greedy, or a network's field alone) is computed when asked for (Registration.inverse)
+        own_inverse = None if inverse is None else inverse[i:i + 1]
+        own = None if instance is None else InstanceResult(instance.ddf[i:i + 1], own_inverse, instance.field[i:i + 1],
                                                            instance.losses, instance.steps, instance.seconds / size)
-        out.append(Registration(matrices[i], ddf[i:i + 1], grid, timings[i], affine_results[i], own))
+        out.append(Registration(matrices[i], ddf[i:i + 1], grid, timings[i], affine_results[i], own, own_inverse))
     return out

@@ -12,11 +12,15 @@ affine (and header, for the warped image):
 - ``ddf_mm.nii.gz``: the whole transform (affine pre-alignment included) as a displacement field in mm with LPS
   components, as ITK's ``DisplacementFieldTransform`` and ANTs read it (point x of the fixed image maps to
   x + d(x) in the moving image);
+- ``ddf_mm_inverse.nii.gz``: the inverse transform, on the *moving* image's grid with the moving image's affine:
+  point y of the moving image maps to y + d(y) in the fixed image (ITK ``DisplacementFieldTransform``, mm, LPS
+  components), so ``deepsim warp --field ddf_mm_inverse.nii.gz`` brings the fixed image or its labels onto the
+  moving image; its inverse consistency (‖φ⁻¹∘φ − id‖ on the working grid) is in ``registration.json``;
 - ``warped_label.nii.gz`` (with ``moving_label``): nearest neighbour, label values kept;
 - ``jacobian_det.nii.gz``: determinant of the Jacobian of the transform;
 - ``affine.tfm`` (with the affine stage): the affine alone, an ITK transform file (SimpleITK, ANTs, Slicer read it);
-- ``registration.json``: inputs, model, timings, the contrast decision, warnings, and, with both label maps, Dice
-  before/after, folding, std log|J|.
+- ``registration.json``: inputs, model, timings, the contrast decision, warnings, inverse consistency, and, with
+  both label maps, Dice before/after, folding, std log|J|.
 
 Which path runs depends on whether the two images share a contrast (``contrast``: ``"auto"`` measures it,
 :mod:`deepsim.registration.checks`): one contrast, the NCC affine, the network and the model's loss; different
@@ -57,7 +61,7 @@ from deepsim.registration.affine import AffineRegistration
 from deepsim.registration.checks import (PATHS, choose_contrast, orientation_warnings, report_warnings,
                                          result_warnings)
 from deepsim.geometry import Grid, apply_affine, grid_points, sample_at
-from deepsim.registration.instance import InstanceOptimisation, instance_similarity, test_time_loss
+from deepsim.registration.instance import InstanceOptimisation, check_transform, instance_similarity, test_time_loss
 from deepsim.registration.model import RegistrationModel, resolve_model
 from deepsim.registration.overlap import WARN_OVERLAP, check_overlap
 from deepsim.registration.pipeline import Registrar
@@ -148,14 +152,22 @@ def _check_model(fixed: NativeImage, model: RegistrationModel) -> None:
 
 
 def _instance_optimiser(net: RegistrationModel | None, loss: str | None, spatial_dims: int, iterations,
-                        learning_rate: float, device: torch.device) -> InstanceOptimisation | None:
+                        learning_rate: float | None, device: torch.device, transform: str | None = None
+                        ) -> InstanceOptimisation | None:
     """The optimisation stage: ``loss`` (default: the model's own, else local NCC) over the pyramid levels of
-    :class:`InstanceOptimisation` with ``iterations`` steps per level (one number for every level, or one each).
-    None when ``iterations`` is 0."""
+    :class:`InstanceOptimisation` with ``iterations`` steps per level (one number for every level, or one each;
+    None: its defaults), its ``transform`` model and ``learning_rate`` (None: its defaults). None when
+    ``iterations`` is 0."""
+    defaults = InstanceOptimisation.__dataclass_fields__
+    if iterations is None:
+        iterations = defaults["iterations"].default
     steps = [int(n) for n in ([iterations] if isinstance(iterations, (int, float)) else iterations)]
     if any(n < 0 for n in steps):
         raise ConfigError(f"--iterations must be >= 0, got {steps}")
     if not any(steps):
+        if transform is not None:
+            raise ConfigError(f"--transform {transform} names the instance optimisation's model, but --iterations 0 "
+                              "turns the instance optimisation off; leave out one of them")
         return None
     levels = InstanceOptimisation.__dataclass_fields__["scales"].default
     if len(steps) == 1:
@@ -165,10 +177,15 @@ def _instance_optimiser(net: RegistrationModel | None, loss: str | None, spatial
                           f"got {steps}")
     name = loss or test_time_loss(net.similarity if net is not None else None)
     try:
+        check_transform(transform, name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    try:
         similarity = instance_similarity(name, spatial_dims, net.models_dir if net is not None else None, device)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"instance optimisation with the loss {name!r}: {exc}") from exc
-    return InstanceOptimisation(similarity, iterations=steps, learning_rate=learning_rate, loss_name=name)
+    return InstanceOptimisation(similarity, transform=transform, iterations=steps, loss_name=name,
+                                learning_rate=learning_rate or defaults["learning_rate"].default)
 
 
 def _dice(fixed_label: np.ndarray, warped: np.ndarray) -> float:
@@ -183,8 +200,8 @@ def register_files(
     fixed_label: str | Path | None = None,
     moving_label: str | Path | None = None,
     affine: bool = True,
-    iterations: int | Sequence[int] = (50, 30, 15),
-    learning_rate: float = 0.5,
+    iterations: int | Sequence[int] | None = None,
+    learning_rate: float | None = None,
     device: torch.device | str = "cpu",
     similarity: str | None = None,
     tracking_uri: str | None = None,
@@ -195,15 +212,18 @@ def register_files(
     affine_metric: str | None = None,
     overwrite: bool = False,
     contrast: str = "auto",
+    transform: str | None = None,
 ) -> dict[str, Path]:
     """Register ``moving`` to ``fixed`` and write the outputs listed in the module docstring into ``out_dir``.
 
     Stages: ``affine`` (torch, ``affine_metric`` "ncc" or "mi"), ``network`` (the model's prediction), instance
-    optimisation with ``iterations`` steps per pyramid level (0: none) on ``loss`` (``learning_rate`` in voxels).
+    optimisation with ``iterations`` steps per pyramid level (0: none) of the ``transform`` model (``greedy``,
+    ``symmetric``, ``svf``) on ``loss`` (``learning_rate`` in voxels); ``iterations``, ``transform`` and
+    ``learning_rate`` at None: the defaults of :class:`~deepsim.registration.instance.InstanceOptimisation`.
     ``contrast`` (``auto``, ``same``, ``different``) picks the defaults of ``affine_metric``, ``network`` and
     ``loss`` left at None (:data:`deepsim.registration.checks.PATHS`; ``same``: NCC, the network, the model's own
-    loss). Returns the written paths by name (``warped``, ``ddf_mm``, ``jacobian_det``, ``report`` and, when given
-    or used, ``warped_label``, ``affine``). ``model``: see
+    loss). Returns the written paths by name (``warped``, ``ddf_mm``, ``ddf_mm_inverse``, ``jacobian_det``,
+    ``report`` and, when given or used, ``warped_label``, ``affine``). ``model``: see
     :func:`deepsim.registration.model.resolve_model`; ``spacing_mm`` overrides the training spacing a checkpoint
     records (or supplies it for one that does not). Without the network the optimisation runs on the fixed image's
     own grid (or at ``spacing_mm``). ``overwrite``: write into a non-empty folder deepsim did not create, replacing
@@ -252,7 +272,7 @@ def register_files(
                                         "--network-only)") < WARN_OVERLAP
     if affine and affine_metric not in ("ncc", "mi"):
         raise ConfigError(f"--affine-metric must be ncc or mi, got {affine_metric!r}")
-    optimiser = _instance_optimiser(net, loss, fixed_img.ndim, iterations, learning_rate, device)
+    optimiser = _instance_optimiser(net, loss, fixed_img.ndim, iterations, learning_rate, device, transform)
     registrar = Registrar(
         affine=AffineRegistration(metric=affine_metric) if affine else None,
         network=net.network if network else None,
@@ -276,15 +296,20 @@ def register_files(
         warped_lab = None
         if moving_lab is not None:
             warped_lab = sample_at(as_tensor(moving_lab), moving_img.affine, target, mode="nearest").cpu().numpy()
+        # the inverse on the moving image's own grid, y -> φ⁻¹(y) in the fixed image's world
+        y, source = result.inverse_points(moving_img.grid)
+        ddf_moving_mm = source - y
+        del y, source
     timings["compose_s"] = time.perf_counter() - t0
     overlap = check_overlap(target, moving_img.grid, moving_img.path, fixed_img.path, warn=False)
     if affine and overlap < WARN_OVERLAP:
         fov_warned = True
         warnings.append(f"only {100 * overlap:.0f} % of {fixed_img.path} lies inside the field of view of "
                         f"{moving_img.path}; the result is 0 elsewhere")
-    if has_shear(fixed_img.affine, fixed_img.ndim):
-        warnings.append(f"{fixed_img.path} has sheared voxel axes, which ITK cannot represent: ddf_mm.nii.gz is "
-                        "exact for nibabel and deepsim warp, but SimpleITK/ANTs refuse it")
+    for image, field_name in ((fixed_img, "ddf_mm.nii.gz"), (moving_img, "ddf_mm_inverse.nii.gz")):
+        if has_shear(image.affine, image.ndim):
+            warnings.append(f"{image.path} has sheared voxel axes, which ITK cannot represent: {field_name} is "
+                            "exact for nibabel and deepsim warp, but SimpleITK/ANTs refuse it")
     t0 = time.perf_counter()
     with torch.no_grad():
         problems, checks = result_warnings(fixed_t, fixed_img.affine, moving_t, moving_img.affine, result,
@@ -314,6 +339,9 @@ def register_files(
             "steps_taken": instance.steps, "final_loss_per_level": instance.losses,
             "learning_rate": optimiser.learning_rate},
         "ddf_mm_itk_readable": not has_shear(fixed_img.affine, fixed_img.ndim),
+        "ddf_mm_inverse_itk_readable": not has_shear(moving_img.affine, moving_img.ndim),
+        # ‖φ⁻¹(φ(x)) − x‖ over the working grid (where φ(x) stays inside it)
+        "inverse_consistency": {k: round(v, 5) for k, v in result.inverse_consistency().items()},
     }
     mask = torch.as_tensor(fixed_lab > 0) if fixed_lab is not None else None
     if mask is not None and not bool(mask.any()):
@@ -339,6 +367,9 @@ def register_files(
                                         fixed_img.header, fixed_img.affine),
             "ddf_mm": lambda: save_displacement(staging / "ddf_mm.nii.gz", ddf_fixed_mm.cpu().numpy(),
                                                 fixed_img.affine, like=fixed_img.header),
+            "ddf_mm_inverse": lambda: save_displacement(staging / "ddf_mm_inverse.nii.gz",
+                                                        ddf_moving_mm.cpu().numpy(), moving_img.affine,
+                                                        like=moving_img.header),
             "jacobian_det": lambda: save_volume(staging / "jacobian_det.nii.gz", det.cpu().numpy(), fixed_img.affine,
                                                 like=fixed_img.header),
         }
@@ -461,7 +492,7 @@ def _label_dtype(labels: np.ndarray, source: np.dtype) -> np.ndarray:
 
 def _output_names(label: bool, affine: bool) -> list[str]:
     """File names ``register_files`` writes (module docstring)."""
-    names = ["warped.nii.gz", "ddf_mm.nii.gz", "jacobian_det.nii.gz", "registration.json"]
+    names = ["warped.nii.gz", "ddf_mm.nii.gz", "ddf_mm_inverse.nii.gz", "jacobian_det.nii.gz", "registration.json"]
     return names + ["warped_label.nii.gz"] * label + ["affine.tfm"] * affine
 
 

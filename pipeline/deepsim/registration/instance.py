@@ -4,21 +4,27 @@ What the accurate classical tools do (ANTs SyN, FireANTs), written for our field
 to fine (default shrink 4, 2, 1; images blurred with σ = shrink / 2 voxels) to minimise ``similarity(m ∘ φ, f)``;
 the gradient is smoothed with a Gaussian before each step (SyN's "update field" smoothing, which keeps the
 updates fluid-like), and a level ends when the loss has not improved by ``tolerance`` for ``patience`` steps (a
-plateau) or after its iteration budget. Two transform models:
+plateau) or after its iteration budget. Three transform models (:data:`TRANSFORMS`):
 
 - ``"greedy"`` (default): φ is updated by composition, φ ← φ ∘ (id + δ), with δ the smoothed, Adam-normalised
   gradient step, at most ``learning_rate`` voxels long, and the displacement smoothed a little after each step
   (the scheme of ANTs' greedy SyN and FireANTs). Every step is a small smooth displacement, hence invertible, and
   so is their composition: no folding, and one warp per step.
+- ``"symmetric"``: SyN's mid-space scheme (:mod:`.symmetric`): both images move half-way, ``m ∘ φ_m`` against
+  ``f ∘ φ_f``, both half-maps updated by the same greedy steps from one loss; the whole transform is
+  φ = φ_m ∘ φ_f⁻¹ and its inverse φ_f ∘ φ_m⁻¹. Neither image is favoured; twice the warps of a greedy step.
 - ``"svf"``: φ = exp(v), the flow of a stationary velocity field integrated by scaling and squaring, v fitted by
   Adam (optionally on a coarser grid than the images at the finest level). Diffeomorphic for any smooth v, but
   each step back-propagates through the whole integration: several times the cost of a greedy step.
 
-The start is a network's predicted displacement ``u₀`` (greedy: φ₀ = id + u₀; svf: v₀ = u₀, since
-exp(u₀) ≈ id + u₀ for smooth, moderate fields), or the identity. Fields inside are in grid_sample's normalised
-units ([-1, 1] across each axis, in our tensor-axis order), so a level change needs no rescaling; what goes in and
-comes out is a displacement in voxels of the full grid (:mod:`deepsim.spatial`'s convention). Everything runs on
-the inputs' device; identity grids are built once per shape.
+Every model gives the inverse transform (:meth:`InstanceResult.inverse`; symmetric: composed from the inverted
+half-maps, which the forward transform needs anyway; svf: exp(−v); greedy: the field inverted by Newton's method,
+:func:`~deepsim.registration.fields.invert_displacement`, only when asked for: measured 0.7 s at 80×96×80 on two
+CPU cores, where a 2 mm pair registers in ~2 s, and evaluation and ``deepsim compare`` never use it). The start is a network's predicted displacement ``u₀`` (greedy: φ₀ = id + u₀; symmetric: φ_m = id + u₀,
+φ_f = id; svf: v₀ = u₀, since exp(u₀) ≈ id + u₀ for smooth, moderate fields), or the identity. Fields inside are
+in grid_sample's normalised units (:mod:`deepsim.registration.fields`), so a level change needs no rescaling; what
+goes in and comes out is a displacement in voxels of the full grid (:mod:`deepsim.spatial`'s convention).
+Everything runs on the inputs' device.
 """
 
 from __future__ import annotations
@@ -34,10 +40,40 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from deepsim.filters import downsample, gaussian_smooth, level_shape
+from deepsim.registration.fields import (ddf_to_normalised, integrate_velocity, invert_displacement,
+                                         normalised_to_ddf, resize_field, sample)
 from deepsim.registration.plateau import Plateau
 
-__all__ = ["InstanceOptimisation", "InstanceResult", "instance_similarity", "test_time_loss", "LABEL_LOSSES",
-           "integrate_velocity", "ddf_to_normalised", "normalised_to_ddf", "TEST_TIME_SETTINGS"]
+__all__ = ["InstanceOptimisation", "InstanceResult", "GreedyStep", "instance_similarity", "test_time_loss",
+           "LABEL_LOSSES", "integrate_velocity", "ddf_to_normalised", "normalised_to_ddf", "default_transform",
+           "check_transform", "TEST_TIME_SETTINGS", "TRANSFORMS", "DEFAULT_TRANSFORM"]
+
+#: the transform models (module docstring)
+TRANSFORMS = ("greedy", "symmetric", "svf")
+#: the model used when none is named (:func:`default_transform`)
+DEFAULT_TRANSFORM = "greedy"
+
+
+def default_transform(similarity) -> str:
+    """:data:`DEFAULT_TRANSFORM`, except ``greedy`` for a similarity that holds the fixed image constant (the
+    DeepSim losses compute its features once, without gradient), which the symmetric model cannot use."""
+    from deepsim.losses.deepsim import DeepSimLoss
+
+    return "greedy" if DEFAULT_TRANSFORM == "symmetric" and isinstance(similarity, DeepSimLoss) else DEFAULT_TRANSFORM
+
+
+def check_transform(transform: str | None, loss: str) -> None:
+    """ValueError (one line, naming the option) unless the transform model ``transform`` (None: the default) can
+    run with the test-time loss called ``loss``: the symmetric model moves the fixed image too, which the DeepSim
+    losses cannot follow (they hold the fixed image's features constant)."""
+    from deepsim.losses import FEATURE_NET_OF
+
+    if transform is not None and transform not in TRANSFORMS:
+        raise ValueError(f"--transform must be one of {', '.join(TRANSFORMS)}; got {transform!r}")
+    if transform == "symmetric" and FEATURE_NET_OF.get(loss):
+        raise ValueError(f"--transform symmetric cannot use the loss {loss}: it holds the fixed image's features "
+                         "constant; use --transform greedy (its default) or another loss")
+
 
 #: Settings of a similarity at test time that differ from training: local NCC over 5-voxel windows (ANTs' CC
 #: radius 2) rather than the paper's 9, measured better for instance optimisation on the 2 mm brains
@@ -64,63 +100,6 @@ def instance_similarity(name: str, spatial_dims: int, models_dir=None, device: t
         raise ValueError(f"{name} compares label maps, which a pair to register does not have; use ncc")
     return build_objective(name, 0.0, spatial_dims, models_dir, device, **TEST_TIME_SETTINGS.get(name, {})).similarity
 
-_GRIDS: dict[tuple, torch.Tensor] = {}
-
-
-def _identity(shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """grid_sample's identity grid (1, *S, ndim), coordinates in (x, y[, z]) = reversed tensor-axis order."""
-    key = (tuple(shape), device, dtype)
-    if key not in _GRIDS:
-        if len(_GRIDS) > 16:
-            _GRIDS.clear()
-        ndim = len(shape)
-        theta = torch.eye(ndim, ndim + 1, device=device, dtype=dtype)[None]
-        _GRIDS[key] = F.affine_grid(theta, [1, 1, *shape], align_corners=True)
-    return _GRIDS[key]
-
-
-def _as_grid(u: torch.Tensor) -> torch.Tensor:
-    """Normalised displacement (B, ndim, *S), tensor-axis order -> absolute sampling grid (B, *S, ndim), x first."""
-    ndim = u.shape[1]
-    return _identity(u.shape[2:], u.device, u.dtype) + u.permute(0, *range(2, ndim + 2), 1).flip(-1)
-
-
-def sample(image: torch.Tensor, u: torch.Tensor, padding: str = "border") -> torch.Tensor:
-    """``image`` (B, C, *S) read at x + u(x), u (B, ndim, *S) normalised -> (B, C, *S); linear interpolation."""
-    return F.grid_sample(image, _as_grid(u), mode="bilinear", padding_mode=padding, align_corners=True)
-
-
-def integrate_velocity(v: torch.Tensor, steps: int) -> torch.Tensor:
-    """exp(v) by scaling and squaring: u ← v / 2^steps, then ``steps`` times u ← u + u ∘ (id + u).
-
-    v: (B, ndim, *S) normalised velocity -> (B, ndim, *S) normalised displacement of the flow at time 1."""
-    u = v / (2 ** steps)
-    for _ in range(steps):
-        u = u + sample(u, u)
-    return u
-
-
-def ddf_to_normalised(ddf: torch.Tensor) -> torch.Tensor:
-    """Voxel displacement (B, ndim, *S) -> grid_sample's normalised units (align_corners=True)."""
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in ddf.shape[2:]], device=ddf.device, dtype=ddf.dtype)
-    return ddf * scale.view(1, -1, *[1] * (ddf.ndim - 2))
-
-
-def normalised_to_ddf(u: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`ddf_to_normalised`."""
-    scale = torch.tensor([max(n - 1, 1) / 2.0 for n in u.shape[2:]], device=u.device, dtype=u.dtype)
-    return u * scale.view(1, -1, *[1] * (u.ndim - 2))
-
-
-def _resize_field(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """A normalised field moved to another grid shape (linear; blurred first when shrinking)."""
-    if tuple(u.shape[2:]) == tuple(shape):
-        return u
-    if all(m >= n for m, n in zip(shape, u.shape[2:])):
-        mode = "trilinear" if u.ndim == 5 else "bilinear"
-        return F.interpolate(u, size=tuple(shape), mode=mode, align_corners=True)
-    return downsample(u, shape)
-
 
 def _diffusion(v: torch.Tensor) -> torch.Tensor:
     """Mean squared forward difference of ``v`` (B, ndim, *S) along every axis (in its own units)."""
@@ -129,14 +108,68 @@ def _diffusion(v: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class InstanceResult:
-    """``ddf``: (B, ndim, *S) voxel displacement of exp(v) on the full grid; ``velocity``: v, normalised units, on
-    the finest level's grid; ``losses``: the final loss per level; ``steps``: Adam steps per level."""
+    """``ddf``: (B, ndim, *S) voxel displacement of the fitted transform φ on the full grid (the moving image is
+    read at x + ddf(x)); ``inverse_ddf``: the same for φ⁻¹ (a point y of the moving side goes to y + inverse_ddf(y)
+    on the fixed side), or None where it is computed only when asked for (greedy: :meth:`inverse`); ``field``: what was optimised on the finest level's grid, normalised units (greedy: φ's
+    displacement, svf: the velocity v, symmetric: φ_m's and φ_f's displacements stacked along the channels);
+    ``losses``: the final loss per level; ``steps``: steps taken per level."""
 
     ddf: torch.Tensor
-    velocity: torch.Tensor
+    inverse_ddf: torch.Tensor | None
+    field: torch.Tensor
     losses: list[float]
     steps: list[int]
     seconds: float
+
+    def inverse(self) -> torch.Tensor:
+        """(B, ndim, *S) voxels: ``inverse_ddf``, or ``ddf`` inverted now by Newton's method (not kept)."""
+        if self.inverse_ddf is not None:
+            return self.inverse_ddf
+        return normalised_to_ddf(invert_displacement(ddf_to_normalised(self.ddf)))
+
+
+class GreedyStep:
+    """The compositive update of one field: u ← (id + u) ∘ (id + δ) − id, then smoothed (σ ``smooth_field``).
+
+    δ is the gradient of the loss with respect to u (per voxel, of the loss summed over voxels, in voxels of the
+    level), smoothed with σ ``smooth_gradient``, normalised by Adam's moments with ε = ``step_eps`` × the root mean
+    square of the first gradient ever seen (then kept for later levels: ``eps``), and scaled so that its longest
+    vector is ``learning_rate`` voxels (never longer). Moments restart at each level (:meth:`start_level`).
+    """
+
+    beta1, beta2 = 0.9, 0.99
+
+    def __init__(self, learning_rate: float, smooth_gradient: float, smooth_field: float, step_eps: float):
+        self.learning_rate, self.smooth_gradient = learning_rate, smooth_gradient
+        self.smooth_field, self.step_eps = smooth_field, step_eps
+        self.eps: float | None = None
+        self.first = self.second = None
+        self.count = 0
+
+    def start_level(self, u: torch.Tensor) -> None:
+        self.first, self.second, self.count = torch.zeros_like(u), torch.zeros_like(u), 0
+
+    @torch.no_grad()
+    def __call__(self, u: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """u, grad: (B, ndim, *S) normalised units (grad: of the loss with respect to u) -> the updated u."""
+        ndim = u.ndim - 2
+        to_norm = ddf_to_normalised(torch.ones(1, ndim, *u.shape[2:], device=u.device, dtype=u.dtype))
+        # a size that does not shrink with the voxel count of finer levels
+        grad = grad * (grad[0, 0].numel() / to_norm)
+        if self.smooth_gradient > 0:
+            grad = gaussian_smooth(grad, self.smooth_gradient)
+        if self.eps is None:  # relative to the very first gradient: the same for every loss and image
+            self.eps = self.step_eps * float(grad.square().mean().sqrt()) + 1e-12
+        self.count += 1
+        self.first.mul_(self.beta1).add_(grad, alpha=1 - self.beta1)
+        self.second.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        direction = ((self.first / (1 - self.beta1 ** self.count))
+                     / ((self.second / (1 - self.beta2 ** self.count)).sqrt() + self.eps))
+        # (sum of squares, max, then one sqrt: linalg.vector_norm over dim 1 is 40x slower on the CPU)
+        longest = direction.square().sum(dim=1, keepdim=True).amax(dim=tuple(range(2, ndim + 2)), keepdim=True).sqrt()
+        delta = direction * (-self.learning_rate / longest.clamp_min(1.0)) * to_norm
+        u = delta + sample(u.detach(), delta)  # (id + u) ∘ (id + δ)
+        return gaussian_smooth(u, self.smooth_field) if self.smooth_field > 0 else u
 
 
 @dataclass
@@ -146,33 +179,36 @@ class InstanceOptimisation:
     Args:
         similarity: ``loss(warped, fixed) -> scalar`` (B, C, *S), evaluated at every level on the level's images,
             smallest for a perfect match (e.g. :class:`deepsim.losses.LocalNCCLoss`).
-        transform: ``"svf"``: φ = exp(v), v optimised by Adam through scaling and squaring; ``"greedy"``: φ is
-            updated by composition with a small smoothed step each iteration, φ ← φ ∘ (id + δ), the step δ an
-            Adam-normalised, Gaussian-smoothed gradient no longer than ``learning_rate`` voxels anywhere (the
-            greedy scheme of ANTs SyN and FireANTs; each step is invertible, so is their composition). Greedy
-            steps cost one warp instead of a whole integration: several times cheaper.
+        transform: None: :func:`default_transform`; ``"greedy"``: φ is updated by composition with a small
+            smoothed step each iteration, φ ← φ ∘ (id + δ) (:class:`GreedyStep`; the greedy scheme of ANTs SyN
+            and FireANTs; each step is invertible, so is their composition); ``"symmetric"``: both images move
+            towards a middle space, two half-maps updated by the same steps (:mod:`.symmetric`; needs a similarity
+            differentiable in both images, so not the DeepSim losses, which hold the fixed image's features
+            constant; :func:`check_transform`); ``"svf"``:
+            φ = exp(v), v optimised by Adam through scaling and squaring (several times the cost of a greedy step).
         scales: pyramid shrink factors, coarse to fine (1 = the input grid).
         iterations: the most steps per level. The default's 15 steps at full resolution (rather than 20) gave
             0.001 less Dice for a fifth less time on the 2 mm brains (benchmarks/results/instance_optimisation_cpu.md).
-        learning_rate: step size in voxels of each level (Adam's for ``svf``, the longest step for ``greedy``).
+        learning_rate: step size in voxels of each level (Adam's for ``svf``, the longest step of each greedy
+            update otherwise).
         smooth_gradient: σ (voxels of each level) of the Gaussian applied to the gradient before each step.
-        smooth_field: σ (voxels) of a Gaussian applied to the velocity (``svf``) or the displacement (``greedy``)
-            after each step (0: none).
+        smooth_field: σ (voxels) of a Gaussian applied to the velocity (``svf``) or the displacement(s) after each
+            step (0: none).
         regularization_weight: weight of a diffusion penalty on the velocity (``svf`` only; level voxels).
         integration_steps: scaling-and-squaring steps (``svf``).
         velocity_shrink: ``svf``: the finest level's velocity grid is this much coarser than the images (2 cuts the
             cost of integration 8-fold in 3D); its displacement is upsampled linearly before warping.
         tolerance, patience: plateau stop of a level: no improvement by ``tolerance`` times the best loss so far
             for ``patience`` steps.
-        step_eps: ``greedy``: the ε of the Adam normalisation, as a fraction of the root mean square gradient at
-            the first step of the first level (per voxel, of the summed loss): voxels whose gradient is far below it
-            take proportionally smaller steps instead of full ones (plain Adam moves every voxel by a full step
-            however weak its evidence, which roughens the field where the images are nearly flat).
+        step_eps: ``greedy``/``symmetric``: the ε of the Adam normalisation, as a fraction of the root mean square
+            gradient at the first step of the first level (per voxel, of the summed loss): voxels whose gradient is
+            far below it take proportionally smaller steps instead of full ones (plain Adam moves every voxel by a
+            full step however weak its evidence, which roughens the field where the images are nearly flat).
         loss_name: what ``similarity`` is called, for reports.
     """
 
     similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | nn.Module
-    transform: str = "greedy"
+    transform: str | None = None
     scales: Sequence[int] = (4, 2, 1)
     iterations: Sequence[int] = (50, 30, 15)
     learning_rate: float = 0.5
@@ -187,8 +223,10 @@ class InstanceOptimisation:
     loss_name: str = ""
 
     def __post_init__(self) -> None:
-        if self.transform not in ("svf", "greedy"):
-            raise ValueError(f"transform must be 'svf' or 'greedy', got {self.transform!r}")
+        if self.transform is None:
+            self.transform = default_transform(self.similarity)
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform must be one of {', '.join(TRANSFORMS)}; got {self.transform!r}")
         if len(self.scales) != len(self.iterations) or not self.scales:
             raise ValueError(f"scales {tuple(self.scales)} and iterations {tuple(self.iterations)} must be non-empty "
                              "and of the same length")
@@ -199,12 +237,14 @@ class InstanceOptimisation:
 
     def displacement(self, velocity: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """exp(velocity) (normalised), linearly resized to ``shape`` if the velocity grid is coarser."""
-        return _resize_field(integrate_velocity(velocity, self.integration_steps), shape)
+        return resize_field(integrate_velocity(velocity, self.integration_steps), shape)
 
     @torch.enable_grad()  # also when called under no_grad (evaluation): the steps need gradients
     def __call__(self, moving: torch.Tensor, fixed: torch.Tensor, init_ddf: torch.Tensor | None = None,
                  progress: bool = False) -> InstanceResult:
         """moving, fixed: (B, C, *S) on one grid and device; init_ddf: (B, ndim, *S) voxels or None."""
+        from deepsim.registration.symmetric import SymmetricFields
+
         started = time.perf_counter()
         if moving.shape != fixed.shape or moving.ndim not in (4, 5):
             raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must both be (B, C, *S), "
@@ -212,7 +252,10 @@ class InstanceOptimisation:
         shape = tuple(fixed.shape[2:])
         moving, fixed = moving.float(), fixed.float()
         field = None if init_ddf is None else ddf_to_normalised(init_ddf.detach().float())
-        losses, steps, eps = [], [], None
+        if self.transform == "symmetric":
+            field = SymmetricFields.start(field, fixed.shape[0], shape, fixed.device)
+        steppers = [self._stepper() for _ in range(2 if self.transform == "symmetric" else 1)]
+        losses, steps = [], []
         for scale, iters in zip(self.scales, self.iterations):
             image_shape = level_shape(shape, scale)
             f_level, m_level = downsample(fixed, image_shape), downsample(moving, image_shape)
@@ -220,15 +263,31 @@ class InstanceOptimisation:
             if self.transform == "svf":
                 shrink = self.velocity_shrink if scale == self.scales[-1] else 1
                 field, value, taken = self._svf_level(field, m_level, f_level, level_shape(shape, scale * shrink), bar)
+            elif self.transform == "symmetric":
+                field, value, taken = field.level(m_level, f_level, self.similarity, steppers, self._plateau(), bar)
             else:
-                field, value, taken, eps = self._greedy_level(field, m_level, f_level, bar, eps)
+                field, value, taken = self._greedy_level(field, m_level, f_level, steppers[0], bar)
             losses.append(value)
             steps.append(taken)
         with torch.no_grad():
-            if field is None:
+            if self.transform == "symmetric":
+                u, inverse = field.transforms(shape)
+                field = field.stacked()
+            elif field is None:
                 field = torch.zeros(fixed.shape[0], len(shape), *shape, device=fixed.device)
-            u = self.displacement(field, shape) if self.transform == "svf" else _resize_field(field, shape)
-        return InstanceResult(normalised_to_ddf(u), field, losses, steps, time.perf_counter() - started)
+                u = inverse = field
+            elif self.transform == "svf":
+                u, inverse = self.displacement(field, shape), self.displacement(-field, shape)
+            else:
+                u, inverse = resize_field(field, shape), None  # inverted when asked for (InstanceResult.inverse)
+        return InstanceResult(normalised_to_ddf(u), None if inverse is None else normalised_to_ddf(inverse), field,
+                              losses, steps, time.perf_counter() - started)
+
+    def _stepper(self) -> GreedyStep:
+        return GreedyStep(self.learning_rate, self.smooth_gradient, self.smooth_field, self.step_eps)
+
+    def _plateau(self) -> Plateau:
+        return Plateau(self.tolerance, self.patience, relative=True)
 
     def _svf_level(self, velocity, m_level, f_level, field_shape, bar) -> tuple[torch.Tensor, float, int]:
         """Adam on the velocity (in voxels of this level, so the step is in voxels) through scaling and squaring."""
@@ -236,9 +295,9 @@ class InstanceOptimisation:
         if velocity is None:
             velocity = torch.zeros(f_level.shape[0], ndim, *field_shape, device=f_level.device)
         to_voxels = normalised_to_ddf(torch.ones(1, ndim, *field_shape, device=f_level.device))
-        param = (_resize_field(velocity, field_shape) * to_voxels).requires_grad_(True)
+        param = (resize_field(velocity, field_shape) * to_voxels).requires_grad_(True)
         optimiser = torch.optim.Adam([param], lr=self.learning_rate)
-        plateau, taken, value = Plateau(self.tolerance, self.patience, relative=True), 0, math.nan
+        plateau, taken, value = self._plateau(), 0, math.nan
         for _ in bar:
             optimiser.zero_grad(set_to_none=True)
             u = self.displacement(param / to_voxels, f_level.shape[2:])
@@ -257,39 +316,19 @@ class InstanceOptimisation:
                 break
         return param.detach() / to_voxels, value, taken
 
-    def _greedy_level(self, u, m_level, f_level, bar, eps: float | None) -> tuple[torch.Tensor, float, int, float]:
-        """φ ← φ ∘ (id + δ) with δ the smoothed, Adam-normalised gradient, at most ``learning_rate`` voxels long.
-        ``eps``: the normalisation's ε, None at the first level (set from its first gradient, then returned)."""
-        ndim = f_level.ndim - 2
+    def _greedy_level(self, u, m_level, f_level, stepper: GreedyStep, bar) -> tuple[torch.Tensor, float, int]:
+        """φ ← φ ∘ (id + δ) each step (:class:`GreedyStep`) until the level's plateau or budget."""
         shape = f_level.shape[2:]
-        u = torch.zeros(f_level.shape[0], ndim, *shape, device=f_level.device) if u is None else _resize_field(u, shape)
-        to_norm = ddf_to_normalised(torch.ones(1, ndim, *shape, device=f_level.device))
-        first, second = torch.zeros_like(u), torch.zeros_like(u)
-        beta1, beta2 = 0.9, 0.99
-        plateau, taken, value = Plateau(self.tolerance, self.patience, relative=True), 0, math.nan
-        for step in bar:
+        u = torch.zeros(f_level.shape[0], f_level.ndim - 2, *shape, device=f_level.device) if u is None else \
+            resize_field(u, shape)
+        stepper.start_level(u)
+        plateau, taken, value = self._plateau(), 0, math.nan
+        for _ in bar:
             u = u.detach().requires_grad_(True)
             loss = self.similarity(sample(m_level, u, "zeros"), f_level)
             (grad,) = torch.autograd.grad(loss, u)
-            with torch.no_grad():
-                # per voxel, the gradient of the loss summed over voxels with respect to that voxel's displacement in
-                # level voxels: a size that does not shrink with the voxel count of finer levels
-                grad = grad * (grad[0, 0].numel() / to_norm)
-                if self.smooth_gradient > 0:
-                    grad = gaussian_smooth(grad, self.smooth_gradient)
-                if eps is None:  # relative to the very first gradient: the same for every loss and image
-                    eps = self.step_eps * float(grad.square().mean().sqrt()) + 1e-12
-                first.mul_(beta1).add_(grad, alpha=1 - beta1)
-                second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                direction = (first / (1 - beta1 ** (step + 1))) / ((second / (1 - beta2 ** (step + 1))).sqrt() + eps)
-                # (sum of squares, max, then one sqrt: linalg.vector_norm over dim 1 is 40x slower on the CPU)
-                longest = direction.square().sum(dim=1, keepdim=True).amax(dim=tuple(range(2, ndim + 2)),
-                                                                          keepdim=True).sqrt()
-                delta = direction * (-self.learning_rate / longest.clamp_min(1.0)) * to_norm
-                u = delta + sample(u.detach(), delta)  # (id + u) ∘ (id + δ)
-                if self.smooth_field > 0:
-                    u = gaussian_smooth(u, self.smooth_field)
+            u = stepper(u, grad)
             taken, value = taken + 1, float(loss.detach())
             if plateau(value):
                 break
-        return u.detach(), value, taken, eps
+        return u.detach(), value, taken

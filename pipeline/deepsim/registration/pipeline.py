@@ -28,8 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from deepsim.geometry import (Grid, apply_affine, clamp_to_grid, grid_points, homogeneous, linear_part, resample_onto,
+                              sample_at, working_grid)
 from deepsim.registration.affine import AffineRegistration, AffineResult
-from deepsim.geometry import Grid, apply_affine, grid_points, homogeneous, resample_onto, working_grid
+from deepsim.registration.fields import (ddf_to_normalised, identity_normalised, invert_displacement,
+                                         normalised_to_ddf, sample)
 from deepsim.registration.instance import InstanceOptimisation, InstanceResult, test_time_loss
 from deepsim.spatial import ddf_voxel_to_world
 
@@ -50,7 +53,9 @@ def _synchronise(device: torch.device) -> None:
 class Registration:
     """One registered pair. ``matrix``: (4, 4) fixed world -> moving world (identity without an affine stage);
     ``ddf``: (1, ndim, *G) displacement in voxels of the working ``grid`` after the deformable stages;
-    ``timings``: seconds per stage; ``affine`` / ``instance``: the stages' own results (or None)."""
+    ``timings``: seconds per stage; ``affine`` / ``instance``: the stages' own results (or None);
+    ``inverse_ddf``: (1, ndim, *G) voxels, the inverse of the deformable part (id + ddf)⁻¹ on the working grid, as
+    the instance optimisation computed it (None: inverted from ``ddf`` when first asked for, :meth:`inverse`)."""
 
     matrix: np.ndarray
     ddf: torch.Tensor
@@ -58,6 +63,40 @@ class Registration:
     timings: dict[str, float] = field(default_factory=dict)
     affine: AffineResult | None = None
     instance: InstanceResult | None = None
+    inverse_ddf: torch.Tensor | None = None
+
+    def inverse(self) -> torch.Tensor:
+        """(id + ddf)⁻¹ − id, (1, ndim, *G) voxels of the working grid: the instance optimisation's inverse, or
+        ``ddf`` inverted by Newton's method (:func:`~deepsim.registration.fields.invert_displacement`)."""
+        if self.inverse_ddf is None:
+            self.inverse_ddf = normalised_to_ddf(invert_displacement(ddf_to_normalised(self.ddf.float())))
+        return self.inverse_ddf
+
+    def inverse_points(self, grid: Grid, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, φ⁻¹(y)): the world points (ndim, *grid.shape) of ``grid`` (typically the moving image's) and where the
+        inverse transform sends them in the fixed image's world: z = T⁻¹(y), then z + v(z) with v the inverse field
+        (mm), read at z on the working grid (points outside it read its border)."""
+        y = grid_points(grid, self.ddf.device, dtype)
+        z = y if np.allclose(self.matrix, np.eye(4)) else apply_affine(np.linalg.inv(self.matrix), y)
+        v_mm = ddf_voxel_to_world(self.inverse().to(dtype), torch.as_tensor(self.grid.affine))[0]
+        return y, z + sample_at(v_mm, self.grid.affine, clamp_to_grid(z, self.grid)).to(dtype)
+
+    def inverse_consistency(self) -> dict[str, float]:
+        """‖φ⁻¹(φ(x)) − x‖ over the working grid's voxels x whose image φ(x) lies inside the grid (the affine part
+        cancels exactly, so this is the deformable part's error): mean and max, in voxels and in mm."""
+        with torch.no_grad():
+            u, v = self.ddf.float(), self.inverse().float()
+            u_norm, v_norm = ddf_to_normalised(u), ddf_to_normalised(v)
+            error = u + normalised_to_ddf(sample(v_norm, u_norm))  # voxels: x + u(x) + v(x + u(x)) − x
+            inside = ((u_norm + identity_normalised(u_norm)).abs() <= 1.0).all(dim=1)[0]
+            linear = torch.as_tensor(linear_part(self.grid.affine, self.grid.ndim), dtype=u.dtype, device=u.device)
+            voxels = error[0].norm(dim=0)[inside]
+            mm = torch.einsum("ij,j...->i...", linear, error[0]).norm(dim=0)[inside]
+        if voxels.numel() == 0:
+            return {"mean_voxels": float("nan"), "max_voxels": float("nan"), "mean_mm": float("nan"),
+                    "max_mm": float("nan")}
+        return {"mean_voxels": float(voxels.mean()), "max_voxels": float(voxels.max()),
+                "mean_mm": float(mm.mean()), "max_mm": float(mm.max())}
 
     def target_points(self, grid: Grid, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, T(x + u(x))): the world points (ndim, *grid.shape) of ``grid`` and where the transform sends them."""
@@ -156,15 +195,16 @@ class Registrar:
         timings["network_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        instance = None
+        instance, inverse = None, None
         if self.optimiser is not None:
             instance = self.optimiser(m_work, f_work, ddf, progress=progress)
-            ddf = instance.ddf
+            ddf, inverse = instance.ddf, instance.inverse_ddf
         if ddf is None:
             ddf = torch.zeros(1, grid.ndim, *grid.shape, device=device)
+            inverse = ddf
         _synchronise(device)
         timings["instance_optimisation_s"] = time.perf_counter() - t0
-        return Registration(matrix, ddf, grid, timings, affine_result, instance)
+        return Registration(matrix, ddf, grid, timings, affine_result, instance, inverse)
 
 
 def parse_method(method: str) -> tuple[bool, str | None, str | None]:

@@ -73,11 +73,14 @@ class CohortSettings:
     writers: int = 4
     labels_dir: str | None = None
     progress: bool = False
+    transform: str | None = None  # the instance optimisation's transform model (None: its default)
 
     def fingerprint(self, template: Template, model_path: str) -> dict:
+        from deepsim.registration.instance import DEFAULT_TRANSFORM
+
         return {"template": template.name, "template_sources": template.sources, "atlas": template.atlas_name,
                 "speed": self.speed, "iterations": list(ITERATIONS[self.speed]), "model": model_path,
-                "deepsim": __version__}
+                "transform": self.transform or DEFAULT_TRANSFORM, "deepsim": __version__}
 
 
 def check_output_location(bids_dir: Path | None, out_dir: Path) -> None:
@@ -170,15 +173,21 @@ def _prepare_output(out_dir: Path, template: Template, overwrite: bool) -> None:
                          lambda tmp: write_label_table(Path(tmp), template.atlas_labels))
 
 
-def _registrar(model, speed: str, device: torch.device):
-    """The accurate path of ``deepsim register``: affine, the model's network, instance optimisation (its loss)."""
+def _registrar(model, speed: str, device: torch.device, transform: str | None = None):
+    """The accurate path of ``deepsim register``: affine, the model's network, instance optimisation (its loss,
+    the ``transform`` model; ConfigError for one that cannot use that loss)."""
+    from deepsim.errors import ConfigError
     from deepsim.registration.affine import AffineRegistration
-    from deepsim.registration.instance import InstanceOptimisation, instance_similarity
+    from deepsim.registration.instance import InstanceOptimisation, check_transform, instance_similarity
     from deepsim.registration.pipeline import Registrar
 
     loss = model.similarity or "ncc"
+    try:
+        check_transform(transform, loss)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     similarity = instance_similarity(loss, 3, model.models_dir, device)
-    optimiser = InstanceOptimisation(similarity, iterations=ITERATIONS[speed], loss_name=loss)
+    optimiser = InstanceOptimisation(similarity, transform=transform, iterations=ITERATIONS[speed], loss_name=loss)
     return Registrar(affine=AffineRegistration(), network=model.network, optimiser=optimiser,
                      spacing_mm=model.spacing_mm, size_multiple=model.size_multiple)
 
@@ -193,8 +202,9 @@ def run_participant(items: list[CohortItem], out_dir: str | Path, template: Temp
 
     out_dir = Path(out_dir)
     device = torch.device(settings.device)
-    _prepare_output(out_dir, template, overwrite)
     model = resolve_model(settings.model, device)
+    registrar = _registrar(model, settings.speed, device, settings.transform)  # bad settings refused before output
+    _prepare_output(out_dir, template, overwrite)
     run = _Run(out_dir, template, settings.fingerprint(template, str(model.checkpoint)))
     names = {item.prefix: output_names(item, template.name, template.atlas_name) for item in items}
     for item in items[rank::world_size]:  # staging folders a killed run left behind (ours: this rank's items)
@@ -203,7 +213,6 @@ def run_participant(items: list[CohortItem], out_dir: str | Path, template: Temp
     mine = [item for item in items[rank::world_size] if not is_complete(out_dir, item, run.settings)]
     if not mine:
         return run
-    registrar = _registrar(model, settings.speed, device)
     template_grid = Grid(template.shape, template.affine)
     template_norm = torch.as_tensor(normalise_intensity(NativeImage(Path(template.name), template.t1w,
                                                                     template.affine, None)), device=device)

@@ -35,10 +35,10 @@ from deepsim.data.bids import CohortItem
 from deepsim.evaluation.dice import dice_per_label, mean_dice
 from deepsim.evaluation.jacobian import folding_percent, jacobian_determinant, std_log_jacobian
 from deepsim.io import atomic_write, save_displacement, save_volume, smallest_label_dtype
-from deepsim.geometry import Grid, apply_affine, grid_points, sample_at
-from deepsim.registration.inverse import invert_displacement
+from deepsim.geometry import Grid, sample_at
+from deepsim.registration.inverse import inverse_residuals
 from deepsim.registration.pipeline import Registration
-from deepsim.spatial import ddf_voxel_to_world, ddf_world_to_voxel
+from deepsim.spatial import ddf_world_to_voxel
 
 __all__ = ["output_names", "marker_name", "SubjectOutputs", "compose_outputs", "write_outputs", "is_complete"]
 
@@ -85,7 +85,7 @@ class SubjectOutputs:
 def compose_outputs(registration: Registration, template_grid: Grid, atlas: torch.Tensor | None,
                     raw: torch.Tensor, subject_affine: np.ndarray, subject_header, labels: torch.Tensor | None,
                     similarity: Callable | None = None, template_norm: torch.Tensor | None = None,
-                    subject_norm: torch.Tensor | None = None, inverse_iterations: int = 30) -> SubjectOutputs:
+                    subject_norm: torch.Tensor | None = None) -> SubjectOutputs:
     """Every derivative array of one registered subject (on the registration's device, returned on the CPU).
 
     ``raw``: the subject's intensities (*S'); ``labels``: its label map (*S') or None (Dice); ``atlas``: the
@@ -103,15 +103,12 @@ def compose_outputs(registration: Registration, template_grid: Grid, atlas: torc
         warped_norm = sample_at(subject_norm, subject_affine, target)
         metrics["similarity_after"] = 1.0 - float(similarity(warped_norm[None, None], template_norm[None, None]))
 
-    # the inverse: subject point y -> template point v with T(v + u(v)) = y, i.e. v = z + w(z), z = T⁻¹(y)
-    inverse = invert_displacement(registration.ddf, iterations=inverse_iterations)
-    w_mm = ddf_voxel_to_world(inverse.ddf, torch.as_tensor(registration.grid.affine))[0]
+    # the inverse: subject point y -> template point v with T(v + u(v)) = y, i.e. v = z + w(z), z = T⁻¹(y), w the
+    # optimiser's own inverse of u (the symmetric model fits it) or u inverted (Registration.inverse)
     subject_grid = Grid(tuple(int(n) for n in raw.shape), np.asarray(subject_affine, dtype=np.float64))
-    y = grid_points(subject_grid, raw.device, torch.float32)
-    z = apply_affine(np.linalg.inv(registration.matrix), y) if not np.allclose(registration.matrix, np.eye(4)) else y
-    v = z + sample_at(w_mm, registration.grid.affine, z)
+    y, v = registration.inverse_points(subject_grid)
     backward_mm = v - y
-    metrics["inverse_residual_p99_vox"] = inverse.residual_p99
+    metrics["inverse_residual_p99_vox"] = inverse_residuals(registration.ddf, registration.inverse())[1]
 
     arrays = {"t1w": (warped, template_grid.affine, None), "to_template": (forward_mm, template_grid.affine, None),
               "from_template": (backward_mm, subject_affine, subject_header),
@@ -123,7 +120,7 @@ def compose_outputs(registration: Registration, template_grid: Grid, atlas: torc
             warped_labels = sample_at(labels, subject_affine, target, mode="nearest")
             metrics["dice"] = mean_dice(dice_per_label(atlas, warped_labels))
             metrics["dice_native"] = mean_dice(dice_per_label(labels, native, labels=torch.unique(atlas[atlas > 0])))
-    del x, target, y, z, v
+    del x, target, y, v
     return SubjectOutputs({k: (a.cpu().numpy(), aff, hdr) for k, (a, aff, hdr) in arrays.items()}, metrics)
 
 
