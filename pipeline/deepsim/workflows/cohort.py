@@ -49,7 +49,7 @@ from deepsim.output_folder import own_output_folder
 from deepsim.workflows.cohort_outputs import (compose_outputs, is_complete, marker_name, output_names, publish,
                                               write_outputs)
 
-__all__ = ["CohortSettings", "run_participant", "run_cohort", "run_study", "check_output_location", "ITERATIONS", "COMMAND"]
+__all__ = ["CohortSettings", "run_participant", "run_cohort", "check_output_location", "ITERATIONS", "COMMAND"]
 
 COMMAND = "deepsim cohort"
 #: instance optimisation steps per pyramid level (shrink 4, 2, 1): ``accurate`` is ``deepsim register``'s default;
@@ -341,18 +341,3 @@ def run_cohort(bids_dir: Path | None, out_dir: Path, settings: CohortSettings, p
         distributed.destroy()
     return run, len(items)
 
-
-def run_study(bids_dir: str | Path, out_dir: str | Path, settings: CohortSettings,
-              participant_labels: list[str] | None = None, tracking_uri: str | None = None,
-              command: str = "python -m monai.bundle run --config_file configs/cohort.json") -> dict:
-    """Both levels in one call (the bundle's ``cohort.json``): the participant level, then the group level on the
-    same output folder. Every subject is attempted; if any failed, a DatasetError names them after the group report
-    (which lists them) is written. Returns :func:`~deepsim.workflows.cohort_group.run_group`'s result."""
-    from deepsim.workflows.cohort_group import run_group
-
-    out_dir = Path(out_dir)
-    run, _ = run_cohort(Path(bids_dir), out_dir, settings, participant_labels)
-    result = run_group(out_dir, tracking_uri, command)
-    if result["failed"]:
-        raise DatasetError(f"{len(result['failed'])} subject(s) failed; see {result['failures']}")
-    return result
