@@ -234,12 +234,7 @@ def _pair_dataset(run_dir: Path):
 
 
 def _pairs_rows(run_dir: Path, method: str, fn, device, noise: float, combos: set[str] | None, max_pairs) -> list:
-    import torch
-
-    from deepsim.data.noise import add_gaussian_noise
-    from deepsim.evaluation.compare import peak_memory
-    from deepsim.evaluation.summary import pair_metrics
-    from deepsim.spatial import warp_labels
+    from deepsim.evaluation.compare import score_pair
 
     pairs, contrast_of, path_of = _pair_dataset(run_dir)
     rows = []
@@ -251,15 +246,8 @@ def _pairs_rows(run_dir: Path, method: str, fn, device, noise: float, combos: se
         if max_pairs is not None and sum(r["combo"] == combo for r in rows) >= max_pairs:
             continue
         pair = pairs[i]
-        if noise > 0:
-            pair = {**pair, "fixed": add_gaussian_noise(pair["fixed"], noise, 0, 2 * i),
-                    "moving": add_gaussian_noise(pair["moving"], noise, 0, 2 * i + 1)}
-        f = np.asarray(pair["fixed"][0], dtype=np.float32)
-        m = np.asarray(pair["moving"][0], dtype=np.float32)
-        ddf, seconds, peak = peak_memory(lambda: fn(path_of[fixed_id], path_of[moving_id], f, m), device)
-        ddf = torch.as_tensor(ddf, dtype=torch.float32).to(device)[None]
-        warped = warp_labels(torch.as_tensor(pair["moving_label"])[None].to(device), ddf)[0, 0]
-        metrics, _ = pair_metrics(torch.as_tensor(pair["fixed_label"][0]).to(device), warped, ddf)
+        metrics, _, _, seconds, peak = score_pair(
+            pair, i, lambda f, m: fn(path_of[fixed_id], path_of[moving_id], f, m), device, noise)
         rows.append({"method": method, "pair_id": pair["pair_id"], "combo": combo, "noise_std": float(noise),
                      **metrics, "seconds": seconds, "peak_mib": peak, **(_PRODUCT_REPORT if method == "register"
                                                                          else {})})

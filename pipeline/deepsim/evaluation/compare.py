@@ -31,7 +31,7 @@ from deepsim.peers import CLASSICAL_METHODS, TOOL_MODULES
 from deepsim.registration.pipeline import HYBRID, is_our_method, method_registrar, parse_method, registrar_params
 from deepsim.spatial import warp_labels
 
-__all__ = ["hd95_mm", "peak_memory", "compare_methods", "available_methods", "check_methods"]
+__all__ = ["hd95_mm", "peak_memory", "score_pair", "compare_methods", "available_methods", "check_methods"]
 
 
 def hd95_mm(fixed_label: np.ndarray, warped_label: np.ndarray, spacing_mm: float,
@@ -187,17 +187,7 @@ def compare_methods(
         run, params = registrars[method]
         for i in tqdm(range(n), desc=f"compare {method}", disable=not progress, unit="pair"):
             pair = pairs[i]
-            if noise_std > 0:
-                from deepsim.data.noise import add_gaussian_noise
-
-                pair = {**pair, "fixed": add_gaussian_noise(pair["fixed"], noise_std, 0, 2 * i),
-                        "moving": add_gaussian_noise(pair["moving"], noise_std, 0, 2 * i + 1)}
-            f = np.asarray(pair["fixed"][0], dtype=np.float32)
-            m = np.asarray(pair["moving"][0], dtype=np.float32)
-            ddf, seconds, peak_mib = peak_memory(lambda: run(f, m), device)
-            ddf = torch.as_tensor(ddf, dtype=torch.float32).to(device)[None]
-            warped_t = warp_labels(torch.as_tensor(pair["moving_label"])[None].to(device), ddf)[0, 0]
-            metrics, per_label = pair_metrics(torch.as_tensor(pair["fixed_label"][0]).to(device), warped_t, ddf)
+            metrics, per_label, warped_t, seconds, peak_mib = score_pair(pair, i, run, device, noise_std)
             warped, fixed_label = warped_t.cpu().numpy(), np.asarray(pair["fixed_label"][0])
             row = {"method": method, "pair_id": pair["pair_id"], "noise_std": float(noise_std), **metrics,
                    "hd95_mm": hd95_mm(fixed_label, warped, spacing) if hd95 else float("nan"), "seconds": seconds,
@@ -215,6 +205,28 @@ def compare_methods(
     report_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(report_dir / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     return results, summarise_comparison(results)
+
+
+def score_pair(pair: dict, index: int, register: Callable[[np.ndarray, np.ndarray], object], device: torch.device,
+               noise_std: float = 0.0) -> tuple[dict, dict, torch.Tensor, float, float]:
+    """Register one :class:`~deepsim.data.datasets.PairDataset` pair and score it.
+
+    ``register(fixed, moving)`` takes the two (*S) float32 arrays and returns a displacement (ndim, *S) in voxels;
+    with ``noise_std > 0`` both images first get Gaussian noise seeded by ``index`` (fixed ``2 index``, moving
+    ``2 index + 1``). Returns (metrics of :func:`~deepsim.evaluation.summary.pair_metrics`, per-label Dice, the
+    warped moving labels (*S) on ``device``, seconds, peak memory in MiB)."""
+    if noise_std > 0:
+        from deepsim.data.noise import add_gaussian_noise
+
+        pair = {**pair, "fixed": add_gaussian_noise(pair["fixed"], noise_std, 0, 2 * index),
+                "moving": add_gaussian_noise(pair["moving"], noise_std, 0, 2 * index + 1)}
+    f = np.asarray(pair["fixed"][0], dtype=np.float32)
+    m = np.asarray(pair["moving"][0], dtype=np.float32)
+    ddf, seconds, peak_mib = peak_memory(lambda: register(f, m), device)
+    ddf = torch.as_tensor(ddf, dtype=torch.float32).to(device)[None]
+    warped = warp_labels(torch.as_tensor(pair["moving_label"])[None].to(device), ddf)[0, 0]
+    metrics, per_label = pair_metrics(torch.as_tensor(pair["fixed_label"][0]).to(device), warped, ddf)
+    return metrics, per_label, warped, seconds, peak_mib
 
 
 def summarise_comparison(results: pd.DataFrame) -> pd.DataFrame:
