@@ -169,7 +169,7 @@ def _instance_optimiser(net: RegistrationModel | None, loss: str | None, spatial
             raise ConfigError(f"--transform {transform} names the instance optimisation's model, but --iterations 0 "
                               "turns the instance optimisation off; leave out one of them")
         return None
-    levels = InstanceOptimisation.__dataclass_fields__["scales"].default
+    levels = defaults["scales"].default
     if len(steps) == 1:
         steps = steps * len(levels)
     if len(steps) != len(levels):
